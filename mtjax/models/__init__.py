@@ -1,0 +1,47 @@
+"""Base models: T5 family (t5.py) and decoder-only Llama/Qwen2/Gemma/BLOOM (decoder.py).
+
+The contract every model follows (so methods and the trainer stay generic):
+  model = Model(config)          # linen module; config is a frozen dataclass with
+                                 # .model_type (HF name), .is_encoder_decoder,
+                                 # .vocab_size, .dtype ('float32'|'bfloat16')
+  model.apply({'params': p}, input_ids, attention_mask=None,
+              decoder_input_ids=None, decoder_attention_mask=None)
+      -> logits (batch, length, vocab) in f32; decoder positions for
+         encoder-decoder models, input positions for decoder-only ones.
+  arch.generate(model, params, input_ids, attention_mask, max_new_tokens,
+                temperature=0.0, rng=None, eos_id=None) -> (batch, max_new_tokens)
+Parameters carry logical axis names (see sharding.py); every linear map is a
+layers.Linear whose path mirrors Hugging Face's module names.
+"""
+import numpy as np
+
+from mtjax.models import hf, sharding  # noqa: F401
+
+
+def _arch(model):
+  return hf.arch_module(model.config.model_type)
+
+
+def logits(model, params, input_ids, attention_mask=None,
+           decoder_input_ids=None, decoder_attention_mask=None):
+  """Logits (batch, length, vocab) f32 for any loaded model; HF argument names."""
+  if decoder_input_ids is not None and not model.config.is_encoder_decoder:
+    raise ValueError(f"{model.config.model_type} is decoder-only: "
+                     "decoder_input_ids is for encoder-decoder models")
+  if model.config.is_encoder_decoder and decoder_input_ids is None:
+    raise ValueError("encoder-decoder models need decoder_input_ids")
+  kwargs = dict(attention_mask=None if attention_mask is None
+                else np.asarray(attention_mask))
+  if model.config.is_encoder_decoder:
+    kwargs.update(decoder_input_ids=np.asarray(decoder_input_ids),
+                  decoder_attention_mask=None if decoder_attention_mask is None
+                  else np.asarray(decoder_attention_mask))
+  return model.apply({"params": params}, np.asarray(input_ids), **kwargs)
+
+
+def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
+             temperature=0.0, rng=None, eos_id=None):
+  """Greedy (temperature 0) or sampled continuation ids (batch, max_new_tokens)."""
+  return _arch(model).generate(model, params, input_ids, attention_mask,
+                               max_new_tokens, temperature=temperature,
+                               rng=rng, eos_id=eos_id)

@@ -1,0 +1,23 @@
+"""Test set-up: 8 fake CPU devices so sharding is exercised without a pod."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """../shared/data, or a skip that says why."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"{SHARED_DATA} is absent: the real evaluation material ships "
+                "beside the checkout in shared/data")
+  return SHARED_DATA
