@@ -1,0 +1,167 @@
+"""Data: seqio tasks, mixtures and batches for multitask training and evaluation.
+
+Everything is a real seqio Task/Mixture in seqio's global registries; this
+package only builds them. Public API (imports of seqio/TensorFlow are deferred
+to the first call so `import mtjax.data` stays cheap):
+
+  vocab = vocabulary('byte')                       # or 'spm:/path/m.model',
+                                                   # 'hf:/path/tokenizer.json'
+      -> seqio.Vocabulary (ByteVocabulary, SentencePieceVocabulary, or
+         HFTokenizerVocabulary wrapping a Hugging Face `tokenizers` file).
+  train_sentencepiece(texts, model_prefix, vocab_size=256) -> path of .model
+
+  reg = register(vocab, data_dir=None)             # idempotent per vocabulary
+      -> Registered(held_in, held_out, real, mixtures, names):
+         held_in / held_out: suite task names (plain, e.g. 'reverse');
+         real: {dataset: [plain task names, one per prompt template]}, e.g.
+               real['xcopa.et'] = ['xcopa.et.best_option', ...];
+         mixtures: plain mixture names ('held_in', 'held_out', 'suite', ...);
+         names: {plain name -> seqio name} for every task and mixture,
+               seqio name = f'mtjax.{vocab_key}.{plain}'.
+      data_dir defaults to $MTJAX_DATA_DIR or <repo>/../shared/data; when it
+      is absent nothing real is registered (reg.real == {}).
+
+  batches = train_batches(mixture_or_task, vocab, feature_lengths, batch_size,
+                          model_kind, seed, start_step=0, shard_index=0,
+                          num_shards=1, pack=False)
+      mixture_or_task: plain or seqio name; feature_lengths: {'inputs': Li,
+      'targets': Lt}; model_kind 'encoder_decoder' (seqio EncDecFeatureConverter)
+      or 'decoder' (seqio PrefixLMFeatureConverter, loss on targets only).
+      -> iterator of numpy dicts, each array (batch_size, ...) per process:
+         encoder_decoder: encoder_input_tokens (B,Li), decoder_input_tokens,
+           decoder_target_tokens, decoder_loss_weights (B,Lt) and, when packed,
+           encoder_segment_ids/positions, decoder_segment_ids/positions;
+         decoder: decoder_input_tokens, decoder_target_tokens,
+           decoder_loss_weights, decoder_causal_attention (B, Li+Lt) and, when
+           packed, decoder_segment_ids/positions;
+         both: task_index (B,) int32 = index in batches.task_names of the
+           row's (first) example; token_task_index (B, L_target) int32, the
+           task of each target token (-1 on padding; differs from task_index
+           only within packed rows).
+      batches.task_names: list of seqio task names task_index refers to.
+      Deterministic given seed. Resuming: start_step=s yields exactly the
+      batches s, s+1, ... of the uninterrupted run (the pipeline is a pure
+      function of the seed; it skips s batches, costing their preprocessing).
+  model_inputs(batch, model_kind) -> model keyword args (HF names: input_ids,
+      attention_mask, decoder_input_ids, decoder_attention_mask, segment ids,
+      positions) for mtjax.models; targets and weights stay in the batch.
+
+  eval_examples(task, vocab, split='validation', max_examples=None)
+      -> list of dicts: inputs (str), targets (str), input_ids, target_ids
+         (lists of int, EOS appended like the task's features) and, for rank
+         classification tasks, answer_choices (list of str), choice_ids
+         (list of lists of int) and label (int index into answer_choices).
+  metric_fns(task) -> the seqio task's metric functions, called as
+      fn(targets=[str], predictions=[str]) -> {name: value}.
+  task_kind(task) -> 'rank_classification' | 'generation'.
+  few_shot(task, k, seed, split='validation', max_examples=None)
+      -> suite examples with k train demonstrations prepended (MetaICL style).
+
+  load_templates(path) -> {template name: Template}; Template.apply(example)
+      -> (input, target, answer_choices) rendered by Jinja (promptsource's
+      YAML with !Template tags, loaded with a SafeLoader subclass).
+  default_data_dir() -> pathlib.Path.
+
+Suite: an offline multitask suite of short text-to-text tasks (see suite.py),
+generated deterministically from a seed; it is the default data everywhere.
+"""
+import dataclasses
+import os
+import pathlib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  """What register() put into seqio's registries for one vocabulary."""
+  vocab_key: str
+  held_in: List[str]
+  held_out: List[str]
+  real: Dict[str, List[str]]
+  mixtures: List[str]
+  names: Dict[str, str]
+
+  def seqio_name(self, plain: str) -> str:
+    if plain in self.names:
+      return self.names[plain]
+    if plain in self.names.values():
+      return plain
+    raise KeyError(f"{plain!r} is not registered for vocabulary "
+                   f"{self.vocab_key!r}; known: {sorted(self.names)[:20]}...")
+
+
+def default_data_dir() -> pathlib.Path:
+  """$MTJAX_DATA_DIR, else <repo>/../shared/data (may not exist)."""
+  if os.environ.get("MTJAX_DATA_DIR"):
+    return pathlib.Path(os.environ["MTJAX_DATA_DIR"])
+  return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def vocabulary(spec: str):
+  """seqio.Vocabulary from 'byte', 'spm:/path/model' or 'hf:/path/tokenizer.json'."""
+  from mtjax.data import vocab
+  return vocab.from_spec(spec)
+
+
+def train_sentencepiece(texts: Sequence[str], model_prefix: str,
+                        vocab_size: int = 256, model_type: str = "bpe") -> str:
+  """Trains a small sentencepiece model on texts; returns the .model path."""
+  from mtjax.data import vocab
+  return vocab.train_sentencepiece(texts, model_prefix, vocab_size, model_type)
+
+
+def register(vocab, data_dir=None) -> Registered:
+  """Registers suite, real eval tasks and mixtures for vocab (idempotent)."""
+  from mtjax.data import tasks
+  return tasks.register(vocab, data_dir)
+
+
+def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int],
+                  batch_size: int, model_kind: str, seed: int,
+                  start_step: int = 0, shard_index: int = 0,
+                  num_shards: int = 1, pack: bool = False,
+                  **options) -> Iterator[Dict[str, Any]]:
+  """Infinite iterator of numpy batches; has .task_names (see module doc)."""
+  from mtjax.data import pipeline
+  return pipeline.train_batches(
+      mixture_or_task, vocab, feature_lengths, batch_size, model_kind, seed,
+      start_step=start_step, shard_index=shard_index, num_shards=num_shards,
+      pack=pack, **options)
+
+
+def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
+  """Maps a train_batches batch to mtjax.models keyword arguments."""
+  from mtjax.data import pipeline
+  return pipeline.model_inputs(batch, model_kind)
+
+
+def eval_examples(task: str, vocab, split: str = "validation",
+                  max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
+  """Evaluation rows with text and token ids (see module doc)."""
+  from mtjax.data import pipeline
+  return pipeline.eval_examples(task, vocab, split, max_examples)
+
+
+def metric_fns(task: str, vocab=None):
+  """The seqio task's metric functions (vocab picks the registration)."""
+  from mtjax.data import pipeline
+  return pipeline.metric_fns(task, vocab)
+
+
+def task_kind(task: str, vocab=None) -> str:
+  """'rank_classification' or 'generation'."""
+  from mtjax.data import pipeline
+  return pipeline.task_kind(task, vocab)
+
+
+def few_shot(task: str, k: int, seed: int, split: str = "validation",
+             max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
+  """Suite examples with k train demonstrations prepended (MetaICL)."""
+  from mtjax.data import suite
+  return suite.few_shot(task, k, seed, split, max_examples)
+
+
+def load_templates(path) -> Dict[str, Any]:
+  """Promptsource templates.yaml -> {name: Template}."""
+  from mtjax.data import templates
+  return templates.load(path)
