@@ -1,0 +1,211 @@
+"""Array-level routing among LoRA experts: scores, top-k, grouped application.
+
+Pure functions used by PHATGOOSE (Muqeeth et al. 2024, "Learning to Route
+Among Specialized Experts for Zero-Shot Generalization", arXiv:2402.05859) and
+the routing baselines. Shapes: N tokens, d inputs, o outputs, E experts, rank
+r, k experts per token.
+
+  a: (E, d, r), b: (E, r, o)       expert LoRA factors (mtjax LoRA layout)
+  gates: (E, d)                     one PHATGOOSE gate vector per expert
+  idx: (N, k) int32, w: (N, k)      chosen experts and their weights
+
+Per-token top-k must not cost O(E) expert applications. `apply_experts`
+therefore sorts the N*k (token, expert) assignments by expert and applies each
+expert only to its own tokens:
+  * 'blocked' (default off TPU/GPU): the sorted assignments are padded per
+    expert to a multiple of `block` rows, so every block of rows belongs to one
+    expert; one batched matmul over blocks (gathering that block's expert
+    factors) does all the work. Blocks are bounded statically by
+    min(N*k, N*k/block + min(E, N*k)), so compute grows with k (plus at most
+    one partial block per used expert), not with E.
+  * 'ragged': the same sort followed by `jax.lax.ragged_dot` (grouped matmul).
+    In jax 0.10 ragged_dot lowers to a native grouped kernel on TPU and GPU
+    (`chlo.ragged_dot`, or Pallas/Triton on GPU), but on CPU it falls back to
+    `_ragged_dot_general_impl`, which masks a dense (E, M, d) copy: O(E) work.
+    Hence 'auto' picks 'ragged' on GPU/TPU and 'blocked' on CPU.
+  * 'dense': every expert on every token, then the weighted sum; the
+    reference the others are tested against (O(E) memory and compute).
+Routing scores are O(E*d) per token by nature (one dot product per expert).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5   # torch.nn.LayerNorm's default, as in the released PHATGOOSE code
+
+
+def standardize(x, eps=LN_EPS):
+  """LayerNorm without affine parameters over the last axis, in f32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, -1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def phatgoose_logits(h, gates):
+  """PHATGOOSE router scores: <LN(h), LN(v_e)> / sqrt(d).  h (N, d) -> (N, E)."""
+  d = h.shape[-1]
+  return standardize(h) @ standardize(gates).T / math.sqrt(d)
+
+
+def arrow_prototypes(a, b):
+  """Arrow prototypes (Ostapenko et al. 2024): top right singular vector of
+  each expert's update.  x @ A @ B moves most along x = u_e, the top left
+  singular vector of A B (d, o).  a (E, d, r), b (E, r, o) -> (E, d).
+
+  Computed without forming A B: A = Q R (thin QR), A B = Q (R B), and the top
+  left singular vector of the small (r, o) matrix R B is mapped back by Q.
+  """
+  q, rr = jnp.linalg.qr(a.astype(jnp.float32))        # (E, d, r), (E, r, r)
+  u, _, _ = jnp.linalg.svd(rr @ b.astype(jnp.float32), full_matrices=False)
+  return jnp.einsum("edr,er->ed", q, u[:, :, 0])
+
+
+def arrow_logits(h, prototypes):
+  """|<h, u_e>|: singular vectors have no sign.  h (N, d) -> (N, E)."""
+  return jnp.abs(h.astype(jnp.float32) @ prototypes.T)
+
+
+def top_k(logits, k):
+  """Softmax over experts, keep the top k and renormalise.
+
+  Equal to softmax over the k largest logits. Returns idx (N, k) int32 and
+  weights (N, k) f32 summing to one.
+  """
+  if k > logits.shape[-1]:
+    raise ValueError(f"top_k={k} exceeds the {logits.shape[-1]} experts")
+  vals, idx = jax.lax.top_k(logits.astype(jnp.float32), k)
+  return idx.astype(jnp.int32), jax.nn.softmax(vals, axis=-1)
+
+
+def dense_weights(idx, w, num_experts):
+  """(N, k) choices -> (N, E) weight matrix (zeros for unchosen experts)."""
+  onehot = jax.nn.one_hot(idx, num_experts, dtype=w.dtype)   # (N, k, E)
+  return jnp.einsum("nk,nke->ne", w, onehot)
+
+
+def apply_dense(h, a, b, idx, w):
+  """Reference: every expert on every token, weighted.  -> (N, o) f32."""
+  dt = jnp.promote_types(h.dtype, a.dtype)
+  z = jnp.einsum("nd,edr->ner", h.astype(dt), a.astype(dt))
+  y = jnp.einsum("ner,ero->neo", z, b.astype(dt))
+  return jnp.einsum("ne,neo->no", dense_weights(idx, w, a.shape[0]),
+                    y.astype(jnp.float32))
+
+
+def _sort_assignments(idx, num_experts):
+  """Sorts the N*k assignments by expert.
+
+  Returns order (M,) (assignment ids in expert order), expert of each sorted
+  assignment (M,), per-expert counts (E,) and each expert's first sorted row.
+  """
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  counts = jnp.bincount(flat, length=num_experts)
+  starts = jnp.cumsum(counts) - counts
+  return order, flat[order], counts, starts
+
+
+def default_block(num_assignments, num_experts):
+  """Rows per block: about half the mean group size, a power of two in [1, 64]."""
+  mean = num_assignments / max(num_experts, 1)
+  return int(min(64, max(1, 2 ** math.floor(math.log2(max(mean / 2, 1))))))
+
+
+def apply_blocked(h, a, b, idx, w, block=None):
+  """Sort-and-segment expert application in fixed-size blocks.  -> (N, o) f32."""
+  n, k = idx.shape
+  num_e, d, _ = a.shape
+  m = n * k
+  block = block or default_block(m, num_e)
+  order, e_sorted, counts, starts = _sort_assignments(idx, num_e)
+  padded = (counts + block - 1) // block * block
+  pends = jnp.cumsum(padded)
+  pstarts = pends - padded
+  # Row of each sorted assignment inside the padded layout.
+  slot = pstarts[e_sorted] + jnp.arange(m) - starts[e_sorted]
+  num_blocks = min(m, -(-m // block) + min(num_e, m)) if block > 1 else m
+  rows = num_blocks * block
+  # Which token fills each padded row (n = an all-zero padding row).
+  row_token = jnp.full((rows,), n, jnp.int32).at[slot].set(order // k)
+  x = jnp.concatenate([h, jnp.zeros((1, d), h.dtype)])[row_token]
+  block_expert = jnp.minimum(
+      jnp.searchsorted(pends, jnp.arange(num_blocks) * block, side="right"),
+      num_e - 1)
+  dt = jnp.promote_types(h.dtype, a.dtype)
+  z = jnp.einsum("gbd,gdr->gbr", x.reshape(num_blocks, block, d).astype(dt),
+                 a[block_expert].astype(dt))
+  y = jnp.einsum("gbr,gro->gbo", z, b[block_expert].astype(dt))
+  y = y.reshape(rows, -1).astype(jnp.float32)
+  # Back to (token, choice) order: a gather, then the weighted sum over k.
+  slot_of_assignment = jnp.zeros((m,), jnp.int32).at[order].set(slot)
+  return jnp.einsum("nk,nko->no", w.astype(jnp.float32),
+                    y[slot_of_assignment].reshape(n, k, -1))
+
+
+def apply_ragged(h, a, b, idx, w):
+  """Sort-and-segment with jax.lax.ragged_dot (grouped matmul).  -> (N, o)."""
+  n, k = idx.shape
+  order, _, counts, _ = _sort_assignments(idx, a.shape[0])
+  dt = jnp.promote_types(h.dtype, a.dtype)
+  x = h[order // k].astype(dt)
+  z = jax.lax.ragged_dot(x, a.astype(dt), counts)
+  y = jax.lax.ragged_dot(z, b.astype(dt), counts).astype(jnp.float32)
+  unsorted = jnp.zeros_like(y).at[order].set(y)
+  return jnp.einsum("nk,nko->no", w.astype(jnp.float32),
+                    unsorted.reshape(n, k, -1))
+
+
+def default_impl():
+  return "ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+
+
+def apply_experts(h, a, b, idx, w, impl="auto", block=None):
+  """sum_j w[n, j] * h[n] @ a[idx[n, j]] @ b[idx[n, j]].
+
+  h (N, d), a (E, d, r), b (E, r, o), idx (N, k), w (N, k) -> (N, o) f32.
+  impl: 'auto' | 'blocked' | 'ragged' | 'dense' (see module docstring).
+  """
+  if h.ndim != 2 or a.ndim != 3 or b.ndim != 3 or idx.shape != w.shape:
+    raise ValueError(
+        f"apply_experts wants h (N, d), a (E, d, r), b (E, r, o), idx/w (N, k);"
+        f" got h {h.shape}, a {a.shape}, b {b.shape}, idx {idx.shape}, "
+        f"w {w.shape}")
+  impl = default_impl() if impl == "auto" else impl
+  if impl == "blocked":
+    return apply_blocked(h, a, b, idx, w, block)
+  if impl == "ragged":
+    return apply_ragged(h, a, b, idx, w)
+  if impl == "dense":
+    return apply_dense(h, a, b, idx, w)
+  raise ValueError(f"impl {impl!r}: use 'auto', 'blocked', 'ragged' or 'dense'")
+
+
+def apply_all_uniform(h, a, b):
+  """Mean of all experts' outputs (= the averaged update), O(E r (d + o)).
+
+  h (N, d) -> (N, o): stacks the factors as one rank E*r LoRA.
+  """
+  num_e, d, r = a.shape
+  dt = jnp.promote_types(h.dtype, a.dtype)
+  a_cat = jnp.transpose(a, (1, 0, 2)).reshape(d, num_e * r).astype(dt)
+  z = h.astype(dt) @ a_cat
+  return (z @ b.reshape(num_e * r, -1).astype(dt)).astype(jnp.float32) / num_e
+
+
+# ------------------------------------------------------------------ diagnostics
+
+def entropy(logits):
+  """Entropy (nats) of softmax(logits) over the last axis."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def expert_load(idx, num_experts, mask=None):
+  """Share of routed (token, choice) slots per expert: (E,) summing to 1."""
+  one = jax.nn.one_hot(idx, num_experts, dtype=jnp.float32)   # (..., k, E)
+  if mask is not None:
+    one = one * mask[..., None, None]
+  tot = one.sum(axis=tuple(range(one.ndim - 1)))
+  return tot / jnp.maximum(tot.sum(), 1.0)
