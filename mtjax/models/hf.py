@@ -14,6 +14,7 @@ Each architecture module (t5.py, decoder.py) provides:
 The conversion walks the *expected* parameter tree (from jax.eval_shape), so a
 missing tensor or a wrong shape is reported by name with the expected shape.
 """
+import importlib
 import json
 import os
 import re
@@ -23,24 +24,23 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 
-def _archs():
-  from mtjax.models import decoder, t5  # pylint: disable=g-import-not-at-top
-  return {
-      "t5": t5, "mt5": t5, "umt5": None,
-      "llama": decoder, "qwen2": decoder, "bloom": decoder, "gemma": decoder,
-      "mistral": decoder,
-  }
+# model_type -> module under mtjax.models, imported only when used (so one
+# architecture's module never blocks loading another's).
+_ARCHS = {
+    "t5": "t5", "mt5": "t5", "umt5": None,
+    "llama": "decoder", "qwen2": "decoder", "bloom": "decoder",
+    "gemma": "decoder", "mistral": "decoder",
+}
 
 
 def arch_module(model_type):
-  archs = _archs()
-  if archs.get(model_type) is None:
-    supported = sorted(k for k, v in archs.items() if v is not None)
+  if _ARCHS.get(model_type) is None:
+    supported = sorted(k for k, v in _ARCHS.items() if v is not None)
     raise ValueError(
         f"unsupported model_type {model_type!r} in config.json; mtjax loads "
         f"{supported}. Convert the checkpoint to one of these or add the "
         "architecture to mtjax/models/hf.py.")
-  return archs[model_type]
+  return importlib.import_module(f"mtjax.models.{_ARCHS[model_type]}")
 
 
 def default_hf_key(path):
