@@ -1,0 +1,71 @@
+"""Per-task results: group averages, an aligned text table, results.json.
+
+results.json is {task: {metric: value}} plus one entry per group,
+'average/<group>': {metric: mean over the group's tasks that report it}.
+An existing results.json is never overwritten silently: it is renamed to
+results.<n>.json first and the rename is logged.
+"""
+import json
+import math
+import os
+
+from absl import logging
+
+
+def with_averages(results, groups):
+  """results plus 'average/<group>' rows; groups: {group: [task names]}."""
+  out = dict(results)
+  for group, tasks in groups.items():
+    rows = [results[t] for t in tasks if t in results]
+    metrics = sorted({m for r in rows for m in r})
+    out[f"average/{group}"] = {
+        m: float(sum(r[m] for r in rows if m in r) /
+                 sum(1 for r in rows if m in r)) for m in metrics}
+  return out
+
+
+def table(results, groups=None, metrics=None):
+  """Aligned text table: one row per task (grouped), one column per metric."""
+  groups = groups or {"": sorted(k for k in results
+                                 if not k.startswith("average/"))}
+  metrics = metrics or sorted({m for r in results.values() for m in r})
+  header = ["task", "group"] + metrics
+  lines = []
+  for group, tasks in groups.items():
+    for name in list(tasks) + [f"average/{group}"]:
+      if name in results:
+        lines.append([name, group] + [_fmt(results[name].get(m))
+                                      for m in metrics])
+  widths = [max(len(str(r[i])) for r in [header] + lines)
+            for i in range(len(header))]
+  def fmt_row(r):
+    return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                     for i, (c, w) in enumerate(zip(r, widths)))
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([fmt_row(header), rule] + [fmt_row(r) for r in lines])
+
+
+def _fmt(v):
+  if v is None:
+    return "-"
+  if isinstance(v, float) and math.isnan(v):
+    return "nan"
+  return f"{v:.4f}"
+
+
+def write_json(results, workdir, name="results.json"):
+  """Writes WORKDIR/results.json, keeping any previous file as results.<n>.json."""
+  path = os.path.join(workdir, name)
+  if os.path.exists(path):
+    stem, ext = os.path.splitext(name)
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"{stem}.{n}{ext}")):
+      n += 1
+    kept = os.path.join(workdir, f"{stem}.{n}{ext}")
+    os.replace(path, kept)
+    logging.warning("previous %s kept as %s", path, kept)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the train state, and the workdir's config guard.
+
+WORKDIR/checkpoints/<step>/state holds {'step', 'params' (trainable leaves),
+'opt_state'}. Frozen leaves are not saved: they are rebuilt deterministically
+from the config (config.seed or config.model.hf_path) at start.
+
+Atomicity is orbax's: a step is written to '<step>.orbax-checkpoint-tmp-*'
+and renamed when complete, and CheckpointManager lists only finalized steps,
+so a save killed half-way is never restored. Such leftovers are reported
+(never deleted) by `incomplete_checkpoints`.
+"""
+import datetime
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def manager(workdir, save_every, keep, async_save=True):
+  """CheckpointManager saving every `save_every` steps and keeping the last `keep`."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep, create=True,
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
+                                            "checkpoints"),
+                               options=options, item_names=("state",))
+
+
+def save(mngr, step, state, force=False):
+  """Saves if the interval says so (or force); returns whether it saved."""
+  return mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state)), force=force)
+
+
+def restore_latest(mngr, state):
+  """(state, step) from the latest finalized checkpoint, or (state, 0).
+
+  `state` is the freshly initialised state: its shapes, dtypes and shardings
+  are the restore target, so arrays land directly where the train step
+  expects them (under any mesh, whatever mesh saved them).
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return state, 0
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))
+  return restored["state"], step
+
+
+def incomplete_checkpoints(workdir):
+  """Names of unfinished (tmp) checkpoint folders left by an interrupted save."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(n for n in os.listdir(folder) if TMP_MARKER in n)
+
+
+# ------------------------------------------------------------ config guard
+
+def config_to_dict(config):
+  """JSON-safe plain dict of an ml_collections config."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = ("overwrite_config",)
+
+
+def config_differences(saved, current):
+  """[(key, saved value, current value)] for keys that differ."""
+  a, b = _flat(saved), _flat(current)
+  keys = sorted(set(a) | set(b))
+  missing = "<absent>"
+  return [(k, a.get(k, missing), b.get(k, missing)) for k in keys
+          if a.get(k, missing) != b.get(k, missing)
+          and not k.startswith(RESUMABLE_KEYS)]
+
+
+def check_workdir_config(workdir, config, is_writer=True):
+  """Writes WORKDIR/config.json, or refuses a workdir holding another config.
+
+  With config.overwrite_config=True the old file is kept as
+  config.<timestamp>.json and the new one written; training then resumes from
+  the workdir's latest checkpoint.
+  """
+  path = os.path.join(workdir, "config.json")
+  current = config_to_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    diffs = config_differences(saved, current)
+    if not diffs:
+      return
+    if not config.get("overwrite_config", False):
+      lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+      raise ValueError(
+          f"{workdir} holds a run with a different config ({path}):\n{lines}\n"
+          "Use a new --workdir, or pass --config.overwrite_config=True to "
+          "continue this workdir with the new config (the old config.json is "
+          "kept as config.<time>.json).")
+    if is_writer:
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+      os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+      logging.warning("overwrite_config: %d changed keys; old config kept as "
+                      "config.%s.json", len(diffs), stamp)
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)

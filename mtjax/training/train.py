@@ -1,0 +1,155 @@
+"""train_and_evaluate(config, workdir): the whole job, resumable.
+
+WORKDIR layout:
+  config.json       the run's config (a different one refuses to start)
+  checkpoints/      orbax steps (every config.checkpoint_every, last N kept)
+  metrics.jsonl     one line per logged step: {"step", "train/loss", ...}
+                    (appended; after a resume a step may appear twice, the
+                    later line is the resumed run's)
+  tb/               TensorBoard events
+  results.json      {task: {metric: value}, 'average/<group>': {...}}
+"""
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+from mtjax import data
+from mtjax.evaluation import evaluate, results as results_lib
+from mtjax.models import sharding
+from mtjax.training import checkpoint, metrics, trainer
+
+
+def _check_batch(config, mesh):
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  b, k = config.batch_size, config.get("grad_accum", 1)
+  if b % (k * jax.process_count()) or (b // k) % rows:
+    raise ValueError(
+        f"batch_size={b} must split into grad_accum={k} microbatches whose "
+        f"size is divisible by the data*fsdp mesh size {rows} (and by the "
+        f"{jax.process_count()} processes)")
+
+
+def setup(config, workdir):
+  """Model, method, params (trainable state + frozen), optimizer and mesh."""
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  _check_batch(config, mesh)
+  model_rng, method_rng = jax.random.split(jax.random.key(config.seed))
+  model, base = trainer.build_model(config.model, model_rng, mesh)
+  method = trainer.build_method(config, model)
+  flat, flat_sh = trainer.init_params(model, method, method_rng, mesh, base)
+  pattern = config.get("trainable") or method.trainable
+  trainable, frozen = trainer.split_trainable(flat, pattern)
+  tx, schedule = trainer.make_optimizer(config.optimizer,
+                                        config.num_train_steps)
+  state, state_sh = trainer.init_state(
+      tx, trainable, {k: flat_sh[k] for k in trainable}, mesh)
+  frozen_sh = {k: flat_sh[k] for k in frozen}
+  return dict(mesh=mesh, model=model, method=method, state=state,
+              state_sh=state_sh, frozen=frozen, frozen_sh=frozen_sh, tx=tx,
+              schedule=schedule, pattern=pattern)
+
+
+def _log(msg):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+  logging.info(msg)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains config.num_train_steps steps (resuming), then evaluates."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_writer = jax.process_index() == 0
+  checkpoint.check_workdir_config(workdir, config, is_writer)
+  s = setup(config, workdir)
+  mesh, model, method = s["mesh"], s["model"], s["method"]
+  n_train = sum(x.size for x in jax.tree.leaves(s["state"]["params"]))
+  n_frozen = sum(x.size for x in jax.tree.leaves(s["frozen"]))
+  _log(f"{model.config.model_type}: {n_train:,} trainable params "
+       f"({s['pattern']!r}), {n_frozen:,} frozen; mesh {dict(mesh.shape)}")
+
+  mngr = checkpoint.manager(workdir, config.checkpoint_every,
+                            config.keep_checkpoints)
+  for name in checkpoint.incomplete_checkpoints(workdir):
+    _log(f"ignoring incomplete checkpoint {name} (an interrupted save)")
+  state, start = checkpoint.restore_latest(mngr, s["state"])
+  if start:
+    _log(f"resumed from step {start}")
+
+  vocab = data.vocabulary(config.data.vocab)
+  reg = data.register(vocab)
+  kind = trainer.model_kind(model)
+  lengths = {"inputs": config.data.inputs_length,
+             "targets": config.data.targets_length}
+  total = config.num_train_steps
+  if start < total:
+    state = _train_loop(config, workdir, s, state, start, mngr, vocab, reg,
+                        kind, lengths)
+  mngr.wait_until_finished()
+  mngr.close()
+
+  params = trainer.unflatten({**state["params"], **s["frozen"]})
+  groups = {g: list(getattr(reg, g)) if g in ("held_in", "held_out")
+            else [t for t in g.split(",") if t]
+            for g in config.eval.groups}
+  t0 = time.time()
+  with sharding.use_mesh(mesh):
+    res = evaluate.evaluate_all(method, model, params, groups, vocab,
+                                config.eval, lengths, mesh, log=_log)
+  res = results_lib.with_averages(res, groups)
+  _log(f"evaluation took {time.time() - t0:.1f}s")
+  if is_writer:
+    path = results_lib.write_json(res, workdir)
+    _log("\n" + results_lib.table(res, groups) + f"\n(written to {path})")
+  return res
+
+
+def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
+                lengths):
+  mesh = s["mesh"]
+  batches = data.train_batches(
+      reg.seqio_name(config.data.mixture), vocab, lengths,
+      config.batch_size // jax.process_count(), kind, seed=config.data.seed,
+      start_step=start, shard_index=jax.process_index(),
+      num_shards=jax.process_count(), pack=config.data.get("pack", False))
+  plain = {v: k for k, v in reg.names.items()}
+  task_names = [plain.get(t, t) for t in batches.task_names]
+  step_fn = trainer.jit_train_step(
+      trainer.make_train_step(
+          s["method"], s["model"], s["tx"], len(task_names),
+          config.get("grad_accum", 1), config.seed,
+          dropout=config.get("dropout", False)),
+      s["state_sh"], s["frozen_sh"], mesh)
+  total, log_every = config.num_train_steps, config.log_every
+  writer = metrics.writer(os.path.join(workdir, "tb"))
+  progress = metrics.Progress(start, total, log_every)
+  log_file = open(os.path.join(workdir, "metrics.jsonl"), "a") \
+      if jax.process_index() == 0 else None
+  adapter_key = (config.get("method") or {}).get("adapter_index_from")
+  try:
+    with sharding.use_mesh(mesh):
+      for step in range(start, total):
+        host = next(batches)
+        if adapter_key:
+          host["adapter_index"] = host[adapter_key]
+        state, m = step_fn(state, s["frozen"], trainer.put_batch(host, mesh))
+        done = step + 1
+        scalars = None
+        if done % log_every == 0 or done == total:
+          scalars = metrics.scalars_from_metrics(m, task_names,
+                                                 s["schedule"](step))
+          writer.write_scalars(done, scalars)
+          if log_file:
+            log_file.write(json.dumps({"step": done, **scalars}) + "\n")
+            log_file.flush()
+        progress.update(done, scalars)
+        checkpoint.save(mngr, done, state, force=done == total)
+  finally:
+    progress.close()
+    writer.flush()
+    if log_file:
+      log_file.close()
+  return state

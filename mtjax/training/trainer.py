@@ -1,0 +1,298 @@
+"""Training state, optimizer and the one jitted train step.
+
+Parameters are handled as flat dicts keyed by '/'-joined paths
+('base/encoder/block_0/layer_0/SelfAttention/q/kernel', 'lora/...'). The
+method's `trainable` regex (or config.trainable) splits them in two:
+
+  state  = {'step': int32 (), 'params': {path: array} trainable leaves,
+            'opt_state': optax state over those leaves only}
+  frozen = {path: array}  the rest: passed to the step, never differentiated,
+           never given optimizer state, never written by the step.
+
+Every array is placed by the logical-axis rules (mtjax.models.sharding); the
+batch is sharded over ('data', 'fsdp') on its leading axis. The mesh shape
+comes from config.mesh_shape.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mtjax.models import hf, sharding
+
+
+class FullFineTuning:
+  """Full fine-tuning in the method contract: no extra params, all base trainable."""
+  name = "full"
+  trainable = "base/.*"
+
+  def init(self, rng, model, base_params):
+    del rng, model, base_params
+    return {}
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True):
+    inputs = {k: v for k, v in inputs.items() if k != "adapter_index"}
+    rngs = {"dropout": rng} if rng is not None else {}
+    return model.apply({"params": params["base"]}, **inputs,
+                       deterministic=deterministic, rngs=rngs)
+
+
+def build_method(config, model):
+  """mtjax.methods.build(config.method, model) when available, else full FT."""
+  method_config = config.get("method")
+  name = method_config.get("name", "full") if method_config else "full"
+  try:
+    from mtjax import methods  # pylint: disable=g-import-not-at-top
+    build = getattr(methods, "build", None)
+  except ImportError:
+    build = None
+  if method_config and build is not None:
+    return build(method_config, model)
+  if name != "full":
+    raise ValueError(f"config.method.name={name!r} needs mtjax.methods.build, "
+                     "which is not available; use method.name='full'")
+  return FullFineTuning()
+
+
+# ----------------------------------------------------------------- models
+
+HF_EXCLUDE = ("hf_path", "arch", "dtype")
+
+
+def build_model(model_config, rng, mesh):
+  """(model, base_params) from an HF folder or from config sizes, sharded."""
+  if model_config.get("hf_path"):
+    model, params = hf.load(model_config.hf_path, dtype=model_config.dtype)
+    boxed = sharding.abstract_params(model, **hf.dummy_inputs(model.config))
+    return model, sharding.shard_params(params, boxed, mesh)
+  hf_dict = {k: v for k, v in model_config.items() if k not in HF_EXCLUDE}
+  hf_dict["model_type"] = model_config.arch
+  arch = hf.arch_module(model_config.arch)
+  model = arch.Model(arch.config_from_hf(hf_dict, dtype=model_config.dtype))
+  params = sharding.init_sharded(model, rng, mesh,
+                                 **hf.dummy_inputs(model.config))
+  return model, params
+
+
+def model_kind(model):
+  return "encoder_decoder" if model.config.is_encoder_decoder else "decoder"
+
+
+# ------------------------------------------------------------- param trees
+
+def flatten(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflatten(flat):
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def split_trainable(flat, pattern):
+  """(trainable, frozen) flat dicts; `pattern` is fully matched against paths."""
+  regex = re.compile(pattern)
+  trainable = {k: v for k, v in flat.items() if regex.fullmatch(k)}
+  if not trainable:
+    raise ValueError(f"trainable regex {pattern!r} matches no parameter; "
+                     f"paths look like {sorted(flat)[:5]}")
+  return trainable, {k: v for k, v in flat.items() if k not in trainable}
+
+
+def init_params(model, method, rng, mesh, base_params):
+  """Flat dict of all params {'base/...': ..., '<method>/...': ...} and shardings."""
+  base_abstract = sharding.abstract_params(model,
+                                           **hf.dummy_inputs(model.config))
+  with sharding.use_mesh(mesh):
+    method_abstract = jax.eval_shape(lambda r, b: method.init(r, model, b),
+                                     rng, base_params)
+    method_shardings = sharding.tree_shardings(method_abstract, mesh)
+    method_params = jax.jit(
+        lambda r, b: nn.unbox(method.init(r, model, b)),
+        out_shardings=method_shardings)(rng, base_params)
+  shardings = {"base": sharding.tree_shardings(base_abstract, mesh),
+               **method_shardings}
+  params = {"base": base_params, **method_params}
+  return flatten(params), flatten(shardings)
+
+
+# --------------------------------------------------------------- optimizer
+
+def make_schedule(opt, num_steps):
+  """Linear warmup then cosine / linear / rsqrt / constant decay."""
+  lr, warmup = opt.learning_rate, opt.get("warmup_steps", 0)
+  end = lr * opt.get("end_factor", 0.0)
+  decay = opt.get("decay", "cosine")
+  rest = max(num_steps - warmup, 1)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(lr, rest, alpha=end / lr if lr else 0.)
+  elif decay == "linear":
+    after = optax.linear_schedule(lr, end, rest)
+  elif decay == "rsqrt":
+    after = lambda s: lr * jax.lax.rsqrt(1.0 + s / max(warmup, 1))
+  elif decay == "constant":
+    after = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optimizer.decay={decay!r}: use cosine, linear, rsqrt "
+                     "or constant")
+  if not warmup:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(opt, num_steps):
+  """optax AdamW or Adafactor (config.optimizer), with global-norm clipping."""
+  schedule = make_schedule(opt, num_steps)
+  if opt.name == "adamw":
+    # Weight decay on matrices only, not on norms and biases.
+    tx = optax.adamw(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999),
+                     eps=opt.get("eps", 1e-8),
+                     weight_decay=opt.get("weight_decay", 0.0),
+                     mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  elif opt.name == "adafactor":
+    tx = optax.adafactor(schedule, decay_rate=opt.get("decay_rate", 0.8),
+                         multiply_by_parameter_scale=opt.get(
+                             "multiply_by_parameter_scale", False),
+                         clipping_threshold=opt.get("clipping_threshold", 1.0),
+                         weight_decay_rate=opt.get("weight_decay") or None)
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r}: use 'adamw' or 'adafactor'")
+  if opt.get("grad_clip"):
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+  return tx, schedule
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+  """Optimizer-state leaves shaped like params follow the params' shardings.
+
+  Others (step counts, Adafactor's factored row/column statistics) are small
+  and replicated.
+  """
+  abstract = jax.eval_shape(tx.init, params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in params.items()}
+  return optax.tree_utils.tree_map_params(
+      tx, lambda leaf, s, p: s if leaf.shape == p.shape else replicated,
+      abstract, param_shardings, shapes,
+      transform_non_params=lambda _: replicated)
+
+
+def init_state(tx, trainable, trainable_shardings, mesh):
+  """{'step', 'params', 'opt_state'} placed by the rules, and its shardings."""
+  opt_sh = opt_state_shardings(tx, trainable, trainable_shardings, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_sh = {"step": replicated, "params": trainable_shardings,
+              "opt_state": opt_sh}
+  state = jax.jit(
+      lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
+                 "opt_state": tx.init(p)},
+      out_shardings=state_sh)(trainable)
+  return state, state_sh
+
+
+# ------------------------------------------------------------------- batch
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, sharding.logical_to_spec(
+      ("batch",), (mesh.shape["data"] * mesh.shape["fsdp"],), mesh))
+
+
+def put_batch(batch, mesh):
+  """Host numpy batch (this process's rows) -> global arrays sharded on batch."""
+  sh = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+          for k, v in batch.items()}
+
+
+# -------------------------------------------------------------------- loss
+
+def token_scores(method, model, params, batch, kind, rng=None):
+  """Per-token log-likelihood and correctness of the targets, (B, L) each."""
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  inputs = data.model_inputs(batch, kind)
+  if "adapter_index" in batch:
+    inputs["adapter_index"] = batch["adapter_index"]
+  logits = method.apply(model, params, inputs, rng=rng,
+                        deterministic=rng is None)
+  targets = batch["decoder_target_tokens"]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  token_logp = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return token_logp, correct
+
+
+def loss_and_metrics(method, model, kind, num_tasks, trainable, frozen, batch,
+                     rng):
+  """Summed token NLL (for gradients) and per-task sums (for metrics)."""
+  params = unflatten({**trainable, **frozen})
+  token_logp, correct = token_scores(method, model, params, batch, kind, rng)
+  weights = batch["decoder_loss_weights"].astype(jnp.float32)
+  task = batch["token_task_index"] if "token_task_index" in batch else (
+      jnp.broadcast_to(batch["task_index"][:, None], weights.shape))
+  task = jnp.where(weights > 0, task, num_tasks)  # padding -> dropped bucket
+  def per_task(x):
+    return jnp.zeros(num_tasks + 1).at[task.reshape(-1)].add(
+        x.reshape(-1))[:num_tasks]
+  nll = -token_logp * weights
+  sums = {"nll": per_task(nll), "correct": per_task(correct * weights),
+          "tokens": per_task(weights)}
+  return nll.sum(), sums
+
+
+def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
+                    dropout=False):
+  """step(state, frozen, batch) -> (state, metrics); jit it with shardings.
+
+  The loss is the mean NLL over all target tokens of the whole batch; with
+  grad_accum=k the batch is cut into k microbatches (rows i, i+k, ... so each
+  device keeps its own rows) whose summed gradients are divided by the batch's
+  total token count: the same update as k=1 up to float summation order.
+  """
+  kind = model_kind(model)
+
+  def step(state, frozen, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"]) if dropout \
+        else None
+    micro = jax.tree.map(
+        lambda x: jnp.swapaxes(
+            x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]),
+            0, 1), batch)
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: loss_and_metrics(method, model, kind, num_tasks, p,
+                                         frozen, b, r), has_aux=True)
+
+    def body(carry, xs):
+      grads, sums = carry
+      i, mb = xs
+      r = None if rng is None else jax.random.fold_in(rng, i)
+      (_, s), g = grad_fn(state["params"], mb, r)
+      return (jax.tree.map(jnp.add, grads, g),
+              jax.tree.map(jnp.add, sums, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    zero_sums = {k: jnp.zeros(num_tasks) for k in ("nll", "correct", "tokens")}
+    (grads, sums), _ = jax.lax.scan(
+        body, (zeros, zero_sums), (jnp.arange(grad_accum), micro))
+    total = jnp.maximum(sums["tokens"].sum(), 1.0)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": sums["nll"].sum() / total,
+               "accuracy": sums["correct"].sum() / total,
+               "grad_norm": optax.global_norm(grads), **sums}
+    return {"step": state["step"] + 1, "params": params,
+            "opt_state": opt_state}, metrics
+
+  return step
+
+
+def jit_train_step(step, state_sh, frozen_sh, mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+                 out_shardings=(state_sh, replicated), donate_argnums=(0,))
