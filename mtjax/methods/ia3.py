@@ -1,0 +1,88 @@
+"""(IA)3: learned vectors rescaling keys, values and FFN activations.
+
+Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
+than In-Context Learning" (arXiv:2205.05638). For targeted key/value
+projections the output is rescaled, k' = l_k * (x W_k); for the FFN the
+intermediate activation is rescaled, i.e. the *input* of the down projection
+(T5 'wo', Llama 'down_proj'): y = (l_ff * h) W_o. Vectors start at one, so a
+fresh (IA)3 leaves the model unchanged (as PEFT's IA3 with init_ia3_weights).
+
+Params: {'ia3': nested-by-module-path {'scale': (out,) or (in,)}} with the
+target kernel's out (resp. in) logical axis; a library stacks (E, features)
+and inputs['adapter_index'] picks one per example.
+
+Config: targets (output-rescaled regexes), ff_targets (input-rescaled regexes),
+num_experts=0.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mtjax.methods import transform
+
+DEFAULTS = {
+    "t5": ((r".*(SelfAttention|EncDecAttention)/(k|v)",), (r".*/wo",)),
+    "mt5": ((r".*(SelfAttention|EncDecAttention)/(k|v)",), (r".*/wo",)),
+}
+DECODER_DEFAULTS = ((r".*self_attn/(k_proj|v_proj)",), (r".*mlp/down_proj",))
+
+
+class IA3:
+  """The (IA)3 method (see module docstring)."""
+  trainable = r"ia3/.*"
+
+  def __init__(self, targets=None, ff_targets=None, num_experts=0):
+    self.targets = None if targets is None else tuple(
+        [targets] if isinstance(targets, str) else targets)
+    self.ff_targets = None if ff_targets is None else tuple(
+        [ff_targets] if isinstance(ff_targets, str) else ff_targets)
+    self.num_experts = int(num_experts)
+
+  def _targets(self, model):
+    out_pat, ff_pat = DEFAULTS.get(model.config.model_type, DECODER_DEFAULTS)
+    abstract = transform.abstract_params(model)
+    out = transform.resolve_targets(model, self.targets or out_pat, abstract)
+    ff = transform.resolve_targets(model, self.ff_targets or ff_pat, abstract)
+    both = set(out) & set(ff)
+    if both:
+      raise ValueError(f"(IA)3 modules {sorted(both)} are in both targets and "
+                       "ff_targets; a module is rescaled at its output or input")
+    return out, ff
+
+  def init(self, rng, model, base_params=None):
+    del rng, base_params  # (IA)3 vectors start at one
+    lead = (self.num_experts,) if self.num_experts else ()
+    lead_axes = ("experts",) if self.num_experts else ()
+    out, ff = self._targets(model)
+    flat = {}
+    for path, t in out.items():
+      flat[path] = {"scale": transform.boxed(
+          jnp.ones(lead + (t.shape[1],)), lead_axes + (t.out_axis,))}
+    for path, t in ff.items():
+      flat[path] = {"scale_in": transform.boxed(
+          jnp.ones(lead + (t.shape[0],)), lead_axes + (t.in_axis,))}
+    return {"ia3": transform.nest(flat)}
+
+
+  @staticmethod
+  def _broadcast(vec, x):
+    """(F,) -> as is; (B, F) -> (B, 1, .., F) to broadcast over x (B, .., F)."""
+    if vec.ndim == 1:
+      return vec
+    return vec.reshape(vec.shape[:1] + (1,) * (x.ndim - 2) + vec.shape[1:])
+
+  def hook(self, next_fun, x, leaf, ctx):
+    if "scale_in" in leaf:
+      s = transform.select(leaf["scale_in"], ctx.adapter_index, 1)
+      return next_fun((x * self._broadcast(s, x).astype(x.dtype)))
+    y = next_fun(x)
+    s = transform.select(leaf["scale"], ctx.adapter_index, 1)
+    return y * self._broadcast(s, y).astype(y.dtype)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None):
+    inputs = transform.model_kwargs(inputs)
+    icpt = transform.linear_interceptor(
+        nn.unbox(params["ia3"]), self.hook, inputs.get("adapter_index"), rng,
+        deterministic)
+    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
+                         deterministic=deterministic, method=method)

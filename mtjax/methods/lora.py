@@ -1,0 +1,116 @@
+"""LoRA: low-rank adapters on chosen linear maps (Hu et al. 2021, arXiv:2106.09685).
+
+For a targeted layers.Linear with kernel W (in, out):
+  y = x W + dropout(x) A B * alpha / r,   A (in, r), B (r, out)
+A is kaiming-uniform (PEFT's default: bound = 1/sqrt(in)) or normal(1/r)
+('gaussian'), B is zero, so a fresh adapter leaves the model unchanged.
+
+Params: {'lora': nested-by-module-path {'lora_a': (in, r), 'lora_b': (r, out)}},
+logical axes (in_axis, 'rank') and ('rank', out_axis) of the target kernel.
+A library of E adapters stacks them as (E, in, r) / (E, r, out) with a leading
+'experts' axis; inputs['adapter_index'] (B,) picks one per example and the
+update is a gathered, batched einsum (no Python loop over adapters).
+
+Config (ml_collections or dict): rank=8, alpha=16, dropout=0.0,
+targets=(regexes over module paths, e.g. '.*self_attn/(q_proj|v_proj)'),
+init_a='kaiming_uniform'|'gaussian', num_experts=0 (0: a single adapter).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtjax.methods import transform
+
+DEFAULT_TARGETS = {
+    "t5": (r".*(SelfAttention|EncDecAttention)/(q|v)",),
+    "mt5": (r".*(SelfAttention|EncDecAttention)/(q|v)",),
+}
+DEFAULT_DECODER_TARGETS = (r".*self_attn/(q_proj|v_proj)",)
+
+
+def default_targets(model):
+  return DEFAULT_TARGETS.get(model.config.model_type, DEFAULT_DECODER_TARGETS)
+
+
+class LoRA:
+  """The LoRA method (see module docstring)."""
+  trainable = r"lora/.*"
+
+  def __init__(self, rank=8, alpha=16.0, dropout=0.0, targets=None,
+               init_a="kaiming_uniform", num_experts=0):
+    if rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if init_a not in ("kaiming_uniform", "gaussian"):
+      raise ValueError(f"init_a {init_a!r}: use 'kaiming_uniform' or 'gaussian'")
+    self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
+    self.targets = None if targets is None else tuple(
+        [targets] if isinstance(targets, str) else targets)
+    self.init_a, self.num_experts = init_a, int(num_experts)
+
+  @property
+  def scale(self):
+    return self.alpha / self.rank
+
+  def _targets(self, model):
+    return transform.resolve_targets(model, self.targets or default_targets(model))
+
+  def init(self, rng, model, base_params=None):
+    """Method params; leaves are nn.LogicallyPartitioned (nn.unbox for arrays)."""
+    del base_params  # shapes come from the abstract model
+    lead = (self.num_experts,) if self.num_experts else ()
+    lead_axes = ("experts",) if self.num_experts else ()
+    flat = {}
+    for i, (path, t) in enumerate(sorted(self._targets(model).items())):
+      d_in, d_out = t.shape
+      key = jax.random.fold_in(rng, i)
+      if self.init_a == "kaiming_uniform":
+        bound = 1.0 / math.sqrt(d_in)   # kaiming_uniform(a=sqrt(5)), as torch/PEFT
+        a = jax.random.uniform(key, lead + (d_in, self.rank), jnp.float32,
+                               -bound, bound)
+      else:
+        a = jax.random.normal(key, lead + (d_in, self.rank)) / self.rank
+      b = jnp.zeros(lead + (self.rank, d_out), jnp.float32)
+      flat[path] = {
+          "lora_a": transform.boxed(a, lead_axes + (t.in_axis, "rank")),
+          "lora_b": transform.boxed(b, lead_axes + ("rank", t.out_axis))}
+    return {"lora": transform.nest(flat)}
+
+
+  def hook(self, next_fun, x, leaf, ctx):
+    y = next_fun(x)
+    dtype = ctx.module.dtype
+    a = transform.select(leaf["lora_a"], ctx.adapter_index, 2).astype(dtype)
+    b = transform.select(leaf["lora_b"], ctx.adapter_index, 2).astype(dtype)
+    h = ctx.dropout(x.astype(dtype), self.dropout)
+    if a.ndim == 2:
+      delta = (h @ a) @ b
+    else:   # per-example adapters: a (B, in, r), b (B, r, out)
+      delta = jnp.einsum("b...r,bro->b...o",
+                         jnp.einsum("b...i,bir->b...r", h, a), b)
+    return y + (delta * self.scale).astype(y.dtype)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None):
+    inputs = transform.model_kwargs(inputs)
+    icpt = transform.linear_interceptor(
+        nn.unbox(params["lora"]), self.hook, inputs.get("adapter_index"), rng,
+        deterministic)
+    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
+                         deterministic=deterministic, method=method)
+
+  def merge(self, model, params):
+    """Base params with B A * scale folded into the kernels (single adapter)."""
+    base = jax.tree.map(lambda x: x, params["base"])
+    for path, leaf in transform.flatten(params["lora"]).items():
+      if not path.endswith("/lora_a"):
+        continue
+      mod = path[:-len("/lora_a")]
+      a = leaf
+      b = transform.lookup(params["lora"], mod.split("/"))["lora_b"]
+      if a.ndim != 2:
+        raise ValueError("merge needs a single adapter, not a stacked library")
+      node = transform.lookup(base, mod.split("/"))
+      node["kernel"] = node["kernel"] + (a @ b) * self.scale
+    return base
