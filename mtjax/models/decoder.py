@@ -211,6 +211,7 @@ class Attention(nn.Module):
                                   c.o_proj_bias, dt)
     self.attn_dropout = nn.Dropout(c.attention_dropout)
 
+  @nn.compact
   def _cache(self, k, v, start):
     """Writes k/v (B,T,K,D) at slot `start`; returns the whole cache (B,L,K,D)."""
     ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
@@ -329,6 +330,7 @@ class Body(nn.Module):
     return (self.word_embeddings if self.config.is_bloom
             else self.embed_tokens).attend(x)
 
+  @nn.compact
   def _decode_state(self, attention_mask, positions, segment_ids):
     """Cache bookkeeping -> (ready, start, key_valid, positions, key_positions).
 
@@ -360,13 +362,15 @@ class Body(nn.Module):
                deterministic, decode):
     c = self.config
     b, t = input_ids.shape
-    if decode:
-      decode, start, key_valid, positions, key_positions = self._decode_state(
-          attention_mask, positions, segment_ids)
-    if not decode:
+    cache_start = None
+    if decode:  # the creation pass (ready=False) fills the cache like a forward
+      ready, cache_start, key_valid, positions, key_positions = (
+          self._decode_state(attention_mask, positions, segment_ids))
+    if not decode or not ready:
       if positions is None:
         positions = default_positions(attention_mask, segment_ids)
-      start, key_valid, key_positions = 0, attention_mask, positions
+      key_valid, key_positions = attention_mask, positions
+    start = 0 if cache_start is None else cache_start
     q_slots = start + jnp.arange(t)
     k_slots = jnp.arange(key_valid.shape[1])
     mask = attention_mask_4d(q_slots, k_slots, key_valid, segment_ids,
@@ -384,8 +388,7 @@ class Body(nn.Module):
       x = x * jnp.asarray(c.hidden_size ** 0.5, x.dtype)
     x = layers.constrain(x, ("batch", "length", "act_embed"))
     for block in (self.h if c.is_bloom else self.layers):
-      x = block(x, positions, mask, bias, start if decode else None,
-                deterministic)
+      x = block(x, positions, mask, bias, cache_start, deterministic)
     return (self.ln_f if c.is_bloom else self.norm)(x)
 
 
