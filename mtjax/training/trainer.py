@@ -212,10 +212,28 @@ def put_batch(batch, mesh):
 
 # -------------------------------------------------------------------- loss
 
+def _model_inputs(batch, kind):
+  """mtjax.data.model_inputs; a minimal stand-in while data/pipeline.py is absent."""
+  try:
+    from mtjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.model_inputs(batch, kind)
+  except ImportError:
+    pass
+  if kind == "encoder_decoder":
+    return dict(input_ids=batch["encoder_input_tokens"],
+                attention_mask=(batch["encoder_input_tokens"] > 0).astype(
+                    jnp.int32),
+                decoder_input_ids=batch["decoder_input_tokens"],
+                decoder_attention_mask=(batch["decoder_target_tokens"] > 0
+                                        ).astype(jnp.int32))
+  return dict(input_ids=batch["decoder_input_tokens"],
+              attention_mask=(batch["decoder_target_tokens"] > 0).astype(
+                  jnp.int32))
+
+
 def token_scores(method, model, params, batch, kind, rng=None):
   """Per-token log-likelihood and correctness of the targets, (B, L) each."""
-  from mtjax import data  # pylint: disable=g-import-not-at-top
-  inputs = data.model_inputs(batch, kind)
+  inputs = _model_inputs(batch, kind)
   if "adapter_index" in batch:
     inputs["adapter_index"] = batch["adapter_index"]
   logits = method.apply(model, params, inputs, rng=rng,
@@ -285,7 +303,7 @@ def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": sums["nll"].sum() / total,
                "accuracy": sums["correct"].sum() / total,
-               "grad_norm": optax.global_norm(grads), **sums}
+               "grad_norm": optax.tree.norm(grads), **sums}
     return {"step": state["step"] + 1, "params": params,
             "opt_state": opt_state}, metrics
 
