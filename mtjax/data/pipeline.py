@@ -1,0 +1,292 @@
+"""Training batches and evaluation examples from registered seqio tasks.
+
+Resuming: the pipeline is a pure function of (mixture, seed, shard): seqio
+shuffles each task with the seed and samples the mixture with it, so skipping
+the first start_step batches (`Dataset.skip`) reproduces the uninterrupted
+order exactly, at the cost of re-running their preprocessing once. This needs
+no iterator state in checkpoints; the step number is enough.
+"""
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from mtjax.data import tasks as tasks_lib
+
+_TASK_IDS = "task_ids"
+_SPEC = seqio.FeatureConverter.FeatureSpec
+
+
+class EncDecWithTaskIds(seqio.EncDecFeatureConverter):
+  """seqio's encoder-decoder converter that also packs/pads 'task_ids'.
+
+  'task_ids' (a task id on every target token) is packed like the targets, so
+  'decoder_task_ids' stays aligned with decoder_target_tokens. seqio's
+  passthrough_features cannot do this: it refuses packing.
+  """
+  TASK_FEATURES = {**seqio.EncDecFeatureConverter.TASK_FEATURES,
+                   _TASK_IDS: _SPEC(dtype=tf.int32)}
+  MODEL_FEATURES = {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
+                    "decoder_task_ids": _SPEC(dtype=tf.int32)}
+
+  def _convert_example(self, features):
+    d = dict(super()._convert_example(features))
+    d["decoder_task_ids"] = features[_TASK_IDS]
+    return d
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    out = dict(super().get_model_feature_lengths(task_feature_lengths))
+    out["decoder_task_ids"] = task_feature_lengths["targets"]
+    return out
+
+
+class PrefixLMWithTaskIds(seqio.PrefixLMFeatureConverter):
+  """seqio's prefix-LM converter (loss on targets only) with 'task_ids'.
+
+  Every token of the concatenated inputs+targets gets the example's task id.
+  """
+  TASK_FEATURES = {**seqio.PrefixLMFeatureConverter.TASK_FEATURES,
+                   _TASK_IDS: _SPEC(dtype=tf.int32)}
+  MODEL_FEATURES = {**seqio.PrefixLMFeatureConverter.MODEL_FEATURES,
+                    "decoder_task_ids": _SPEC(dtype=tf.int32)}
+
+  def _concat_and_add_masks(self, features):
+    d = dict(super()._concat_and_add_masks(features))
+    d[_TASK_IDS] = tf.fill(tf.shape(d["targets"]),
+                           tf.reduce_max(features[_TASK_IDS]))
+    return d
+
+  def _concat_task_feature_lengths(self, task_feature_lengths):
+    lengths = {k: v for k, v in task_feature_lengths.items() if k != _TASK_IDS}
+    out = dict(super()._concat_task_feature_lengths(lengths))
+    out[_TASK_IDS] = out["targets"]
+    return out
+
+  def _convert_example(self, features):
+    d = dict(super()._convert_example(features))
+    d["decoder_task_ids"] = features[_TASK_IDS]
+    return d
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    lengths = {k: v for k, v in task_feature_lengths.items() if k != _TASK_IDS}
+    out = dict(super().get_model_feature_lengths(lengths))
+    out["decoder_task_ids"] = out["decoder_target_tokens"]
+    return out
+
+
+def feature_converter(model_kind: str, pack: bool) -> seqio.FeatureConverter:
+  if model_kind == "encoder_decoder":
+    return EncDecWithTaskIds(pack=pack)
+  if model_kind == "decoder":
+    return PrefixLMWithTaskIds(pack=pack, loss_on_targets_only=True)
+  raise ValueError(f"model_kind must be 'encoder_decoder' or 'decoder', got "
+                   f"{model_kind!r}")
+
+
+def _lookup(name):
+  if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+    return seqio.get_mixture_or_task(name)
+  return None
+
+
+def resolve(name: str, vocab) -> seqio.DatasetProviderBase:
+  """A plain or seqio task/mixture name -> the registered seqio provider."""
+  for candidate in (name, tasks_lib.seqio_name(vocab, name)):
+    provider = _lookup(candidate)
+    if provider is not None:
+      return provider
+  tasks_lib.register(vocab)
+  provider = _lookup(tasks_lib.seqio_name(vocab, name))
+  if provider is None:
+    raise KeyError(f"no task or mixture {name!r} for vocabulary "
+                   f"{tasks_lib.vocab_lib.key(vocab)}; see register(vocab)"
+                   ".names")
+  return provider
+
+
+class Batches:
+  """Iterator of numpy batches; .task_names lists what task_index indexes."""
+
+  def __init__(self, dataset: tf.data.Dataset, task_names: List[str]):
+    self.task_names = task_names
+    self.dataset = dataset
+    ids = np.array([tasks_lib.task_id(tasks_lib.plain_name(n))
+                    for n in task_names])
+    if len(set(ids.tolist())) != len(ids):
+      raise ValueError(f"task id collision among {task_names}")
+    order = np.argsort(ids)
+    self._ids, self._index = ids[order], order.astype(np.int32)
+    self._it = dataset.as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    try:
+      batch = dict(next(self._it))
+    except tf.errors.InvalidArgumentError as e:
+      if "TooLongExample" in e.message:
+        raise ValueError(_too_long_message(e.message)) from None
+      raise
+    ids = batch.pop("decoder_task_ids")
+    pos = np.clip(np.searchsorted(self._ids, ids), 0, len(self._ids) - 1)
+    token_index = np.where(ids == 0, -1, self._index[pos]).astype(np.int32)
+    first = np.argmax(ids != 0, axis=1)
+    batch["token_task_index"] = token_index
+    batch["task_index"] = token_index[np.arange(len(ids)), first]
+    return batch
+
+
+def _too_long_message(message):
+  detail = message.split("TooLongExample", 1)[1].split("\n\t [[", 1)[0]
+  return ("example longer than the sequence length (train_batches("
+          "on_too_long='error')):" + detail + " -- raise feature_lengths or "
+          "use on_too_long='truncate' (seqio's default: trim, keep EOS)")
+
+
+def _check_lengths(lengths, id_to_name):
+  def fn(ex):
+    name = id_to_name.lookup(ex[_TASK_IDS][0])
+    ok = tf.logical_and(ex["inputs_length"] <= lengths["inputs"],
+                        ex["targets_length"] <= lengths["targets"])
+    check = tf.debugging.Assert(ok, [
+        "TooLongExample task", name, "inputs tokens (with EOS)",
+        ex["inputs_length"], "limit", lengths["inputs"],
+        "targets tokens (with EOS)", ex["targets_length"], "limit",
+        lengths["targets"], "inputs:", ex["inputs_pretokenized"]],
+                                summarize=-1)
+    with tf.control_dependencies([check]):
+      return {k: tf.identity(v) for k, v in ex.items()}
+  return fn
+
+
+def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int],
+                  batch_size: int, model_kind: str, seed: int,
+                  start_step: int = 0, shard_index: int = 0,
+                  num_shards: int = 1, pack: bool = False,
+                  on_too_long: str = "truncate", split: str = "train",
+                  shuffle: bool = True, num_epochs: Optional[int] = None
+                  ) -> Batches:
+  """Batches of a task or mixture for one process (see mtjax.data)."""
+  if on_too_long not in ("truncate", "error"):
+    raise ValueError(f"on_too_long must be 'truncate' or 'error', got "
+                     f"{on_too_long!r}")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+  provider = resolve(mixture_or_task, vocab)
+  subtasks = (provider.tasks if isinstance(provider, seqio.Mixture)
+              else [provider])
+  task_names = [t.name for t in subtasks]
+  lengths = {"inputs": int(feature_lengths["inputs"]),
+             "targets": int(feature_lengths["targets"])}
+  keep = ["inputs", "targets", _TASK_IDS]
+  extra = [_TASK_IDS, "inputs_length", "targets_length", "inputs_pretokenized"]
+  kwargs = dict(split=split, shuffle=shuffle, seed=seed,
+                shard_info=seqio.ShardInfo(shard_index, num_shards),
+                num_epochs=num_epochs)
+  if isinstance(provider, seqio.Mixture):
+    ds = provider.get_dataset(lengths, passthrough_features=extra, **kwargs)
+  else:
+    ds = provider.get_dataset(lengths, **kwargs)
+  if on_too_long == "error":
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant([tasks_lib.task_id(tasks_lib.plain_name(n))
+                     for n in task_names], tf.int32),
+        tf.constant(task_names)), default_value="?")
+    ds = ds.map(_check_lengths(lengths, table))
+  ds = ds.map(lambda ex: {k: ex[k] for k in keep})
+  ds = feature_converter(model_kind, pack)(
+      ds, task_feature_lengths={**lengths, _TASK_IDS: lengths["targets"]})
+  ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
+  return Batches(ds, task_names)
+
+
+def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
+  """mtjax.models keyword arguments (HF names) for a train_batches batch.
+
+  The decoder-only models attend causally everywhere (HF parity), so the
+  prefix-LM 'decoder_causal_attention' is not passed; loss weights still
+  restrict the loss to targets.
+  """
+  packed = "decoder_segment_ids" in batch
+  real = lambda k: (batch[k] != 0).astype(np.int32)  # noqa: E731
+  if model_kind == "encoder_decoder":
+    out = dict(input_ids=batch["encoder_input_tokens"],
+               attention_mask=real("encoder_segment_ids" if packed
+                                   else "encoder_input_tokens"),
+               decoder_input_ids=batch["decoder_input_tokens"],
+               decoder_attention_mask=real("decoder_segment_ids" if packed
+                                           else "decoder_target_tokens"))
+    if packed:
+      out.update(encoder_segment_ids=batch["encoder_segment_ids"],
+                 decoder_segment_ids=batch["decoder_segment_ids"],
+                 encoder_positions=batch["encoder_positions"],
+                 decoder_positions=batch["decoder_positions"])
+    return out
+  if model_kind == "decoder":
+    out = dict(input_ids=batch["decoder_input_tokens"],
+               attention_mask=real("decoder_segment_ids" if packed
+                                   else "decoder_target_tokens"))
+    if packed:
+      out.update(segment_ids=batch["decoder_segment_ids"],
+                 positions=batch["decoder_positions"])
+    return out
+  raise ValueError(f"model_kind must be 'encoder_decoder' or 'decoder', got "
+                   f"{model_kind!r}")
+
+
+def _task(task: str, vocab) -> seqio.Task:
+  if vocab is None:
+    if _lookup(task) is not None:
+      return _lookup(task)
+    matches = [n for n in seqio.TaskRegistry.names()
+               if n.startswith("mtjax.") and tasks_lib.plain_name(n) == task]
+    if matches:
+      return seqio.get_mixture_or_task(sorted(matches)[0])
+    vocab = seqio.ByteVocabulary()
+  provider = resolve(task, vocab)
+  if not isinstance(provider, seqio.Task):
+    raise ValueError(f"{task} is a mixture; evaluation works per task: "
+                     f"{[t.name for t in provider.tasks]}")
+  return provider
+
+
+def eval_examples(task: str, vocab, split: str = "validation",
+                  max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
+  """Rows of a task's split, in file order, with text and token ids."""
+  t = _task(task, vocab)
+  vocab = t.output_features["targets"].vocabulary
+  if split not in t.splits:
+    raise KeyError(f"task {t.name} has splits {list(t.splits)}, not {split!r}")
+  ds = t.get_dataset(sequence_length=None, split=split, shuffle=False,
+                     num_epochs=1)
+  if max_examples is not None:
+    ds = ds.take(max_examples)
+  out = []
+  eos = [vocab.eos_id] if vocab.eos_id is not None else []
+  for ex in ds.as_numpy_iterator():
+    row = dict(inputs=ex["inputs_pretokenized"].decode("utf-8"),
+               targets=ex["targets_pretokenized"].decode("utf-8"),
+               input_ids=ex["inputs"].tolist(), target_ids=ex["targets"].tolist())
+    choices = [c.decode("utf-8") for c in ex["answer_choices"]]
+    if choices:
+      row.update(answer_choices=choices, label=int(ex["label"]),
+                 choice_ids=[list(vocab.encode(c)) + eos for c in choices])
+    out.append(row)
+  return out
+
+
+def metric_fns(task: str, vocab=None):
+  return list(_task(task, vocab).metric_fns)
+
+
+def task_kind(task: str, vocab=None) -> str:
+  """'rank_classification' if the task's rows carry answer_choices."""
+  t = _task(task, vocab)
+  split = "validation" if "validation" in t.splits else list(t.splits)[0]
+  ds = t.get_dataset(sequence_length=None, split=split, shuffle=False)
+  for ex in ds.take(1).as_numpy_iterator():
+    if "answer_choices" in ex and len(ex["answer_choices"]):
+      return "rank_classification"
+  return "generation"

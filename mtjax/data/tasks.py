@@ -1,0 +1,603 @@
+"""seqio Tasks and Mixtures: the suite, real eval sets from local files, tfds.
+
+Every Task has string sources 'inputs', 'targets', 'answer_choices' (a list,
+empty for generation) and 'label' (index into answer_choices, -1 for
+generation), and the same preprocessors: tokenize (keeping *_pretokenized),
+record the untrimmed lengths, append EOS after trimming (seqio's default),
+and tag every target token with the task's id ('task_ids'), which the
+pipeline turns into a per-batch task index. seqio names are
+f'mtjax.{vocab key}.{plain name}', so several vocabularies coexist.
+
+Real held-out tasks follow T0 (Sanh et al., 2022, arXiv:2110.08207) and
+BLOOMZ/mT0 (Muennighoff et al., 2023, arXiv:2211.01786): one rank
+classification task per (dataset, promptsource template), scored by median
+or mean over templates.
+"""
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import re
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from mtjax.data import suite
+from mtjax.data import templates as templates_lib
+from mtjax.data import vocab as vocab_lib
+
+XCOPA_LANGS = ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh")
+SUPERGLUE = {"cb": "CB", "copa": "COPA", "rte": "RTE", "wsc": "WSC",
+             "boolq": "BoolQ"}
+SUPERGLUE_TEMPLATES = {"cb": "super_glue/cb", "copa": "super_glue/copa",
+                       "rte": "super_glue/rte", "wsc": "super_glue/wsc.fixed",
+                       "boolq": "super_glue/boolq"}
+MC_TEMPLATES = {"winogrande": "winogrande/winogrande_xl", "piqa": "piqa",
+                "arc_easy": "ai2_arc/ARC-Easy",
+                "arc_challenge": "ai2_arc/ARC-Challenge",
+                "openbook_qa": "openbookqa/main", "siqa": None,
+                "commonsense_qa": "commonsense_qa", "hellaswag": "hellaswag"}
+SHUFFLE_BUFFER = 256  # after preprocessing; sources reshuffle fully
+
+
+class BadRowError(ValueError):
+  """A data file row that cannot be used; the message names file and line."""
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def accuracy(targets: Sequence[str], predictions: Sequence[str]):
+  """Exact match in percent (whitespace-stripped), seqio metric signature."""
+  if len(targets) != len(predictions):
+    raise ValueError(f"{len(targets)} targets but {len(predictions)} "
+                     "predictions")
+  hits = [str(t).strip() == str(p).strip() for t, p in zip(targets, predictions)]
+  return {"accuracy": 100.0 * float(np.mean(hits)) if hits else float("nan")}
+
+
+# ------------------------------------------------------------------ readers
+
+
+def _bad(path, line, why, on_bad_row, skipped):
+  message = f"{path}:{line}: {why}"
+  if on_bad_row == "skip":
+    if skipped is not None:
+      skipped[why.split(":")[0]] += 1
+    logging.warning("skipping %s", message)
+    return
+  raise BadRowError(message + " (set on_bad_row='skip' to count and skip)")
+
+
+def read_jsonl(path, on_bad_row="error", skipped=None) -> List[Tuple[int, dict]]:
+  """[(line number, row dict)]; malformed lines raise or are counted+skipped."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        _bad(path, n, f"malformed JSON: {e.msg} at column {e.colno}",
+             on_bad_row, skipped)
+        continue
+      if not isinstance(row, dict):
+        _bad(path, n, f"malformed JSON: expected an object, got "
+             f"{type(row).__name__}", on_bad_row, skipped)
+        continue
+      rows.append((n, row))
+  return rows
+
+
+def read_tsv(path, on_bad_row="error", skipped=None) -> List[Tuple[int, dict]]:
+  """[(line number, row dict)] from a TSV with a header line."""
+  rows = []
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader)
+    for n, cells in enumerate(reader, start=2):
+      if len(cells) != len(header):
+        _bad(path, n, f"malformed TSV: {len(cells)} cells, header has "
+             f"{len(header)}", on_bad_row, skipped)
+        continue
+      rows.append((n, dict(zip(header, cells))))
+  return rows
+
+
+def read_hellaswag(path, on_bad_row="error", skipped=None):
+  """HellaSwag .txt(.bz2): 6 lines per item (label: context, gold, 4 endings)."""
+  import bz2  # pylint: disable=g-import-not-at-top
+  opener = bz2.open if str(path).endswith(".bz2") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  rows = []
+  for start in range(0, len(lines) - 5, 6):
+    head, gold, *endings = lines[start:start + 6]
+    activity, sep, ctx = head.partition(": ")
+    if not sep or not gold.strip().isdigit():
+      _bad(path, start + 1, "malformed HellaSwag item: expected "
+           "'activity: context' then a gold index", on_bad_row, skipped)
+      continue
+    rows.append((start + 1, dict(activity_label=activity, ctx=ctx,
+                                 endings=endings, label=gold.strip())))
+  return rows
+
+
+READERS = {"jsonl": read_jsonl, "tsv": read_tsv, "hellaswag": read_hellaswag}
+
+
+# ------------------------------------------ row adapters (file -> HF fields)
+
+
+def _letters(n):
+  return [chr(ord("A") + i) for i in range(n)]
+
+
+def _strip_prefix(text, prefix):
+  text = text.strip()
+  return text[len(prefix):].strip() if text.startswith(prefix) else text
+
+
+def _parse_listed_choices(query):
+  """'Question: q\\nChoices:\\nA. x\\nB. y\\nAnswer:' -> (q, [x, y])."""
+  head, _, tail = query.partition("\nChoices:\n")
+  choices = [m.group(1).strip() for m in
+             re.finditer(r"^[A-Z]\. (.*)$", tail, flags=re.M)]
+  return head, choices
+
+
+def _superglue_row(name):
+  labels = {"cb": ["entailment", "contradiction", "neutral"],
+            "rte": ["entailment", "not_entailment"]}.get(name)
+
+  def adapt(row):
+    row = dict(row)
+    if name == "wsc":
+      row.update(row.pop("target"))
+    if labels is not None:
+      row["label"] = labels.index(row["label"])
+    elif isinstance(row.get("label"), bool):
+      row["label"] = int(row["label"])
+    return row
+  return adapt
+
+
+def _mc_row(name):
+  """llm-foundry rows -> the HF fields promptsource's templates read."""
+  def adapt(row):
+    gold = int(row["gold"])
+    if name == "piqa":
+      return dict(goal=_strip_prefix(row["query"], "Question:"),
+                  sol1=row["choices"][0], sol2=row["choices"][1], label=gold)
+    if name in ("arc_easy", "arc_challenge", "openbook_qa"):
+      labels = _letters(len(row["choices"]))
+      key = "question_stem" if name == "openbook_qa" else "question"
+      return {key: _strip_prefix(row["query"], "Question:"),
+              "choices": dict(text=list(row["choices"]), label=labels),
+              "answerKey": labels[gold]}
+    if name == "commonsense_qa":
+      question, texts = _parse_listed_choices(row["query"])
+      labels = _letters(len(texts))
+      return dict(question=_strip_prefix(question, "Question:"),
+                  choices=dict(text=texts, label=labels),
+                  answerKey=labels[gold])
+    if name == "winogrande":
+      a, b = row["context_options"]
+      prefix = a[:len(_common_prefix(a, b))]
+      prefix = prefix[:prefix.rfind(" ") + 1] if " " in prefix else ""
+      rest = row["continuation"]
+      joiner = "" if rest[:1] in ",.;:!?'" else " "
+      return dict(sentence=prefix + "_" + joiner + rest,
+                  option1=a[len(prefix):], option2=b[len(prefix):],
+                  answer=str(gold + 1))
+    if name == "hellaswag":
+      return dict(row)
+    raise KeyError(name)
+  return adapt
+
+
+def _common_prefix(a, b):
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return a[:n]
+
+
+def _plain_mc_row(name):
+  """The choice format (llm-foundry): inputs = query, choices as given."""
+  def adapt(row):
+    if name == "hellaswag":
+      return dict(inputs=f"{row['activity_label']}: {row['ctx']}",
+                  answer_choices=row["endings"], label=int(row["label"]))
+    return dict(inputs=row["query"].strip(),
+                answer_choices=list(row["choices"]), label=int(row["gold"]))
+  return adapt
+
+
+# ------------------------------------------------------- file task specs
+
+
+@dataclasses.dataclass(frozen=True)
+class FileTask:
+  """A rank-classification task rendered from local files.
+
+  files: {split: path}; reader: 'jsonl' | 'tsv' | 'hellaswag'; adapt maps a
+  file row to the fields the template reads (or, with template None, to
+  inputs / answer_choices / label directly). on_bad_row / on_empty_target:
+  'error' (default: raise naming file and line) or 'skip' (count, log, skip).
+  """
+  name: str
+  files: Tuple[Tuple[str, str], ...]
+  reader: str
+  adapt: Callable[[dict], dict]
+  template: Optional[templates_lib.Template] = None
+  on_bad_row: str = "error"
+  on_empty_target: str = "error"
+
+  def __hash__(self):
+    return hash((self.name, self.files, self.reader,
+                 self.template.id if self.template else None,
+                 self.on_bad_row, self.on_empty_target))
+
+
+def render(task: FileTask, split: str):
+  """(examples, skipped Counter) for split; examples are suite-style dicts."""
+  path = dict(task.files)[split]
+  skipped = collections.Counter()
+  examples = []
+  for line, row in READERS[task.reader](path, task.on_bad_row, skipped):
+    where = f"{path}:{line}"
+    try:
+      fields = task.adapt(row)
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+      _bad(path, line, f"malformed row: cannot read field {e}",
+           task.on_bad_row, skipped)
+      continue
+    if task.template is None:
+      inputs, choices = fields["inputs"], list(fields["answer_choices"])
+      targets = choices[fields["label"]] if 0 <= fields["label"] < len(
+          choices) else ""
+    else:
+      inputs, targets, choices = task.template.apply(fields, key=line,
+                                                     where=where)
+      if not inputs and not targets:  # template does not apply to this row
+        skipped["template does not apply"] += 1
+        continue
+    if not targets.strip():
+      _bad(path, line, f"empty target (task {task.name})",
+           task.on_empty_target, skipped)
+      continue
+    choices = choices or []
+    if choices and targets not in choices:
+      raise BadRowError(
+          f"{where}: target {targets!r} of task {task.name} is not one of "
+          f"its answer_choices {choices}")
+    examples.append(dict(inputs=inputs, targets=targets,
+                         answer_choices=choices,
+                         label=choices.index(targets) if choices else -1))
+  if skipped:
+    logging.info("task %s %s: skipped %s", task.name, split, dict(skipped))
+  return examples, skipped
+
+
+_render_cached = functools.lru_cache(maxsize=None)(render)
+
+
+# ----------------------------------------------------------- seqio plumbing
+
+
+def task_id(plain_name: str) -> int:
+  """Stable positive id of a task (crc32 of its plain name), never 0."""
+  return zlib.crc32(plain_name.encode()) % (2**31 - 2) + 1
+
+
+def output_features(vocab):
+  return {k: seqio.Feature(vocabulary=vocab, add_eos=True, required=True)
+          for k in ("inputs", "targets")}
+
+
+def _record_lengths(dataset):
+  """Untrimmed lengths (EOS included), so the pipeline can refuse truncation."""
+  def fn(ex):
+    return dict(ex, inputs_length=tf.size(ex["inputs"]) + 1,
+                targets_length=tf.size(ex["targets"]) + 1)
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _add_task_ids(dataset, task_id_value):
+  def fn(ex):
+    return dict(ex, task_ids=tf.fill(tf.shape(ex["targets"]),
+                                     tf.constant(task_id_value, tf.int32)))
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_CHOICE_SEP = "\x1f"  # ASCII unit separator: joins answer_choices in tensors
+
+
+def examples_dataset(rows_fn):
+  """seqio dataset_fn over python rows (a list per split, built lazily).
+
+  With shuffle_files it reshuffles all rows every epoch (seeded), which is
+  cheap on raw strings, so the Task's buffer after preprocessing can stay
+  small (SHUFFLE_BUFFER) and the first batch comes quickly.
+  """
+  def dataset_fn(split, shuffle_files, seed=None):
+    rows = rows_fn(split)
+    columns = dict(
+        inputs=[ex["inputs"] for ex in rows],
+        targets=[ex["targets"] for ex in rows],
+        answer_choices=[_CHOICE_SEP.join(ex["answer_choices"]) for ex in rows],
+        label=np.asarray([ex["label"] for ex in rows], np.int32))
+    ds = tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant(v, tf.string if k != "label" else tf.int32)
+         for k, v in columns.items()})
+    if shuffle_files:
+      ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    return ds.map(_split_choices, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset_fn.rows_fn = rows_fn
+  return dataset_fn
+
+
+def _split_choices(ex):
+  parts = tf.strings.split(ex["answer_choices"], _CHOICE_SEP)
+  parts = tf.boolean_mask(parts, tf.strings.length(parts) > 0)
+  return dict(ex, answer_choices=parts)
+
+
+class InMemorySource(seqio.FunctionDataSource):
+  """A FunctionDataSource over rows held in memory (see examples_dataset).
+
+  It reports no num_input_examples on purpose: seqio would then cache the
+  first epoch in memory and replay its order; num_rows(split) gives sizes.
+  FunctionDataSource's warning about file-level shuffling does not apply.
+  """
+
+  def __init__(self, rows_fn, splits):
+    super().__init__(examples_dataset(rows_fn), splits=splits)
+    self._rows_fn = rows_fn
+
+  def num_rows(self, split: str) -> int:
+    return len(self._rows_fn(split))
+
+  def get_dataset(self, split="train", shuffle=True, seed=None,
+                  shard_info=None, **unused):
+    if shard_info and shard_info.num_shards > 1:
+      raise ValueError("shard after reading: InMemorySource is one shard")
+    return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
+
+
+def add_task(seqio_name, plain, source, vocab, metric_fns=(accuracy,),
+             extra_preprocessors=()):
+  """Registers a Task with the shared preprocessors (no-op if present)."""
+  if seqio_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(seqio_name)
+  return seqio.TaskRegistry.add(
+      seqio_name, source=source,
+      preprocessors=[*extra_preprocessors, seqio.preprocessors.tokenize,
+                     _record_lengths,
+                     seqio.preprocessors.append_eos_after_trim,
+                     functools.partial(_add_task_ids,
+                                       task_id_value=task_id(plain))],
+      output_features=output_features(vocab), metric_fns=list(metric_fns),
+      shuffle_buffer_size=SHUFFLE_BUFFER)
+
+
+def seqio_name(vocab, plain: str) -> str:
+  return f"mtjax.{vocab_lib.key(vocab)}.{plain}"
+
+
+def plain_name(name: str) -> str:
+  """'mtjax.<vocab key>.<plain>' -> '<plain>'; plain names pass through."""
+  return name.split(".", 2)[2] if name.startswith("mtjax.") else name
+
+
+def register_file_task(task: FileTask, vocab) -> str:
+  """Registers a FileTask (rows rendered on first use); returns seqio name."""
+  splits = [s for s, _ in task.files]
+  source = InMemorySource(lambda split: _render_cached(task, split)[0], splits)
+  name = seqio_name(vocab, task.name)
+  add_task(name, task.name, source, vocab)
+  return name
+
+
+def register_tfds_task(plain: str, tfds_name: str, vocab,
+                       to_text: Callable[[dict], dict],
+                       answer_choices: Sequence[str] = (),
+                       splits=None, tfds_data_dir=None) -> str:
+  """A Task over a tensorflow-datasets dataset via seqio.TfdsDataSource.
+
+  to_text(tf example) -> {'inputs': tf.string, 'targets': tf.string} (tf ops);
+  answer_choices, when given, are fixed for every example (classification).
+  """
+  choices = tf.constant(list(answer_choices), tf.string) if answer_choices \
+      else tf.zeros([0], tf.string)
+  choice_list = list(answer_choices)
+
+  def to_example(dataset):
+    def fn(ex):
+      text = to_text(ex)
+      label = tf.constant(-1, tf.int32)
+      if choice_list:
+        label = tf.cast(tf.argmax(tf.cast(tf.equal(choices, text["targets"]),
+                                          tf.int32)), tf.int32)
+      return dict(inputs=text["inputs"], targets=text["targets"],
+                  answer_choices=choices, label=label)
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+  source = seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits,
+                                tfds_data_dir=tfds_data_dir)
+  name = seqio_name(vocab, plain)
+  add_task(name, plain, source, vocab, extra_preprocessors=[to_example])
+  return name
+
+
+def examples_proportional_rates(task_names: Sequence[str], cap: int,
+                                split: str = "train") -> Dict[str, float]:
+  """T0/xP3-style rates: min(number of examples, cap) per seqio task."""
+  rates = {}
+  for name in task_names:
+    task = seqio.get_mixture_or_task(name)
+    n = (task.source.num_rows(split) if isinstance(task.source, InMemorySource)
+         else task.num_input_examples(split))
+    if n is None:
+      raise ValueError(f"task {name} does not know its number of {split} "
+                       "examples; pass explicit rates")
+    rates[name] = float(min(n, cap))
+  return rates
+
+
+def add_mixture(seqio_name_: str, rates: Dict[str, float]) -> str:
+  """A seqio.Mixture with explicit rates {seqio task name: rate}."""
+  if seqio_name_ not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(seqio_name_, list(rates.items()))
+  return seqio_name_
+
+
+# -------------------------------------------------------------- register
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:  # a real dataset: files and the templates to render it with
+  dataset: str
+  files: Tuple[Tuple[str, str], ...]
+  reader: str
+  adapt: Callable[[dict], dict]
+  fields: frozenset
+  template_file: Optional[pathlib.Path]
+  plain_adapt: Optional[Callable[[dict], dict]] = None
+
+
+def _specs(data_dir: pathlib.Path) -> List[_Spec]:
+  ps = data_dir / "promptsource" / "templates"
+  xp3 = data_dir / "promptsource-xp3mt" / "templates"
+  copa = frozenset(["premise", "choice1", "choice2", "question", "label",
+                    "idx"])
+  out = []
+  for lang in XCOPA_LANGS:
+    for kind, folder in (("xcopa", "data"), ("xcopa_gmt", "data-gmt")):
+      d = data_dir / "xcopa" / folder / lang
+      files = tuple((s, str(d / f"{f}.{lang}.jsonl"))
+                    for s, f in (("validation", "val"), ("test", "test"))
+                    if (d / f"{f}.{lang}.jsonl").exists())
+      if files:
+        out.append(_Spec(f"{kind}.{lang}", files, "jsonl", dict, copa,
+                         ps / "super_glue/copa/templates.yaml"))
+        if kind == "xcopa":
+          out.append(_Spec(f"xcopa_mt.{lang}", files, "jsonl", dict, copa,
+                           xp3 / "xcopa" / lang / "templates.yaml"))
+  sg_fields = {"cb": ["premise", "hypothesis", "label"], "copa": copa,
+               "rte": ["premise", "hypothesis", "label"],
+               "wsc": ["text", "span1_index", "span2_index", "span1_text",
+                       "span2_text", "label"],
+               "boolq": ["question", "passage", "label"]}
+  for name, folder in SUPERGLUE.items():
+    d = data_dir / "superglue" / folder
+    files = tuple((s, str(d / f)) for s, f in
+                  (("validation", "val.jsonl"), ("train", "train.jsonl"))
+                  if (d / f).exists())
+    if files:
+      out.append(_Spec(name, files, "jsonl", _superglue_row(name),
+                       frozenset(sg_fields[name]),
+                       ps / SUPERGLUE_TEMPLATES[name] / "templates.yaml"))
+  mc_fields = {"winogrande": ["sentence", "option1", "option2", "answer"],
+               "piqa": ["goal", "sol1", "sol2", "label"],
+               "arc_easy": ["question", "choices", "answerKey"],
+               "arc_challenge": ["question", "choices", "answerKey"],
+               "openbook_qa": ["question_stem", "choices", "answerKey"],
+               "commonsense_qa": ["question", "choices", "answerKey"],
+               "hellaswag": ["activity_label", "ctx", "endings", "label"],
+               "siqa": []}
+  for name, folder in MC_TEMPLATES.items():
+    reader = "hellaswag" if name == "hellaswag" else "jsonl"
+    path = data_dir / "mc" / ("hellaswag_val_full.txt.bz2"
+                              if name == "hellaswag" else f"{name}.jsonl")
+    if path.exists():
+      out.append(_Spec(name, (("validation", str(path)),), reader,
+                       _mc_row(name), frozenset(mc_fields[name]),
+                       ps / folder / "templates.yaml" if folder else None,
+                       None if name == "winogrande" else _plain_mc_row(name)))
+  return out
+
+
+def _slug(text):
+  return re.sub(r"[^0-9a-z]+", "_", text.lower()).strip("_") or "t"
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(path):
+  return templates_lib.load(path) if path.exists() else {}
+
+
+def usable_templates(spec_fields, path) -> List[templates_lib.Template]:
+  """Rank-classification templates whose fields the rows provide."""
+  out = []
+  for t in _templates(path).values():
+    original = t.metadata.original_task if t.metadata else None
+    if t.answer_choices and original is not False and t.fields() <= spec_fields:
+      out.append(t)
+  return out
+
+
+def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
+  """{dataset: [FileTask per template]} for what exists under data_dir."""
+  data_dir = pathlib.Path(data_dir)
+  if not data_dir.is_dir():
+    return {}
+  out = {}
+  for spec in _specs(data_dir):
+    tasks, seen = [], set()
+    usable = (usable_templates(spec.fields, spec.template_file)
+              if spec.template_file else [])
+    for t in usable:
+      slug = _slug(t.name)
+      while slug in seen:
+        slug += "_"
+      seen.add(slug)
+      tasks.append(FileTask(f"{spec.dataset}.{slug}", spec.files, spec.reader,
+                            spec.adapt, t))
+    if spec.plain_adapt is not None:
+      tasks.append(FileTask(f"{spec.dataset}.plain", spec.files, spec.reader,
+                            spec.plain_adapt, None))
+    if tasks:
+      out[spec.dataset] = tasks
+  return out
+
+
+def register(vocab, data_dir=None, suite_seed: int = 0, cap: int = 3000):
+  """Registers suite + real tasks + mixtures for vocab; see mtjax.data."""
+  from mtjax import data as api  # pylint: disable=g-import-not-at-top
+  if suite_seed:
+    raise NotImplementedError("the registered suite uses seed 0; use "
+                              "suite.examples(..., seed=s) for others")
+  data_dir = pathlib.Path(data_dir) if data_dir else api.default_data_dir()
+  names = {}
+  for plain in suite.TASKS:
+    source = InMemorySource(functools.partial(_suite_rows, plain),
+                            list(suite.SPLIT_SIZES))
+    names[plain] = seqio_name(vocab, plain)
+    add_task(names[plain], plain, source, vocab)
+  real = {}
+  for dataset, tasks in real_tasks(data_dir).items():
+    real[dataset] = [t.name for t in tasks]
+    for t in tasks:
+      names[t.name] = register_file_task(t, vocab)
+  groups = {"held_in": list(suite.HELD_IN), "held_out": list(suite.HELD_OUT),
+            "suite": list(suite.TASKS)}
+  for mix, members in groups.items():
+    rates = examples_proportional_rates([names[m] for m in members], cap)
+    names[mix] = add_mixture(seqio_name(vocab, mix), rates)
+  return api.Registered(vocab_key=vocab_lib.key(vocab),
+                        held_in=list(suite.HELD_IN),
+                        held_out=list(suite.HELD_OUT), real=real,
+                        mixtures=list(groups), names=names)
+
+
+def _suite_rows(plain, split):
+  return suite.examples(plain, split)
