@@ -1,0 +1,517 @@
+"""Soft injection of task embeddings into attention heads.
+
+Paper: "Soft Injection of Task Embeddings Outperforms Prompt-Based In-Context
+Learning" (2025).
+
+A task embedding is the mean, over M few-shot prompts of N demonstrations each,
+of every attention head's output at the prompt's last position, shape
+(layers, heads, head_dim). At inference the prompt is zero-shot and, at its last
+position only, each head's output is mixed with the embedding before the
+attention output projection:
+
+    head <- (1 - alpha) * head + alpha * embedding,   alpha = sigmoid(logit)
+
+with one learned logit per (layer, head) (init 0, alpha = 0.5), fitted with the
+model frozen on the cross-entropy of the first target token. The KV cache
+carries the edited position into generation, so inference costs one zero-shot
+forward pass.
+
+The base models know nothing about this: every head output is read or edited by
+intercepting the attention output projection (a `layers.Linear` whose input is
+(B, T, heads * head_dim), head-major) with `nn.intercept_methods`.
+
+Arrays:
+  embedding  (L, H, D) for one task; (K, L, H, D) for a bank of K tasks.
+  alpha_logits (L, H); (K, L, H) for a bank.
+  positions  (B,) int32, the injection position of each row.
+"""
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtjax.models import layers
+
+# Decoder-only self-attention output projections (Llama/Qwen2/Gemma/Mistral
+# 'o_proj', BLOOM 'dense'); T5's decoder self-attention 'o'.
+# Patterns are fully matched against '/'-joined module paths (as in
+# mtjax.methods.transform and PEFT's target_modules).
+DECODER_PATTERN = r".*(self_attn/o_proj|self_attention/dense)"
+T5_PATTERN = r"(.*/)?decoder/.*SelfAttention/o"
+
+
+def default_pattern(config):
+  return T5_PATTERN if config.is_encoder_decoder else DECODER_PATTERN
+
+
+def num_heads_of(config):
+  for name in ("num_attention_heads", "num_heads", "n_head"):
+    if getattr(config, name, None):
+      return int(getattr(config, name))
+  raise ValueError(f"{type(config).__name__} has none of num_attention_heads/"
+                   "num_heads/n_head; pass num_heads= explicitly.")
+
+
+def layer_index(path):
+  """('model', 'layers_3', 'self_attn', 'o_proj') -> 3 (first '<name>_<int>')."""
+  for part in path:
+    m = re.fullmatch(r".*_(\d+)", part)
+    if m:
+      return int(m.group(1))
+  raise ValueError(f"no layer number in module path {'/'.join(path)}: soft "
+                   "injection needs one output projection per numbered layer.")
+
+
+def head_hook(pattern: str, num_heads: int,
+              edit: Callable[[int, jax.Array], jax.Array]):
+  """Interceptor calling edit(layer, heads (B, T, H, D)) -> heads on o-proj inputs."""
+  regex = re.compile(pattern)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__"
+        or not isinstance(module, layers.Linear)
+        or not regex.fullmatch("/".join(module.path))):
+      return next_fun(*args, **kwargs)
+    x = args[0]
+    *lead, width = x.shape
+    if width % num_heads:
+      raise ValueError(f"{'/'.join(module.path)} input width {width} is not "
+                       f"divisible by num_heads={num_heads}")
+    heads = x.reshape(*lead, num_heads, width // num_heads)
+    heads = edit(layer_index(module.path), heads).astype(x.dtype)
+    return next_fun(heads.reshape(x.shape), *args[1:], **kwargs)
+
+  return interceptor
+
+
+def last_positions(attention_mask):
+  """(B, T) 1/0 mask -> (B,) index of each row's last real token (any padding side)."""
+  mask = jnp.asarray(attention_mask)
+  t = mask.shape[1]
+  return (t - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
+
+
+def injection_positions(model, inputs):
+  """Where to inject: decoder-only, the last real prompt token; T5, decoder step 0."""
+  if "injection_position" in inputs:
+    return jnp.asarray(inputs["injection_position"], jnp.int32)
+  if model.config.is_encoder_decoder:
+    return jnp.zeros((inputs["decoder_input_ids"].shape[0],), jnp.int32)
+  mask = inputs.get("attention_mask")
+  if mask is None:
+    mask = jnp.ones(inputs["input_ids"].shape, jnp.int32)
+  return last_positions(mask)
+
+
+def _model_kwargs(inputs):
+  drop = ("injection_position", "adapter_index", "task_index")
+  return {k: v for k, v in inputs.items() if k not in drop}
+
+
+# ----------------------------------------------------------------- capture --
+
+
+def capture(model, params, inputs, positions=None, *, pattern=None,
+            num_heads=None, method=None):
+  """Runs the model; returns (logits, heads (B, L, H, D) at `positions`).
+
+  inputs: model keyword args; positions (B,) default `injection_positions`.
+  """
+  pattern = pattern or default_pattern(model.config)
+  num_heads = num_heads or num_heads_of(model.config)
+  positions = injection_positions(model, inputs) if positions is None else positions
+  store = {}
+
+  def edit(layer, heads):
+    if layer in store:
+      raise ValueError(f"pattern {pattern!r} matches two projections in layer "
+                       f"{layer}; make it match one per layer.")
+    store[layer] = jnp.take_along_axis(
+        heads, positions[:, None, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return heads
+
+  with nn.intercept_methods(head_hook(pattern, num_heads, edit)):
+    out = model.apply({"params": params}, **_model_kwargs(inputs), method=method)
+  if not store:
+    raise ValueError(f"no layers.Linear path matches {pattern!r}; set the "
+                     "soft-injection pattern to the attention output projection.")
+  if sorted(store) != list(range(len(store))):
+    raise ValueError(f"captured layers {sorted(store)} are not 0..L-1")
+  return out, jnp.stack([store[i] for i in range(len(store))], axis=1)
+
+
+def task_embedding(model, params, prompts, *, batch_size=8, pattern=None,
+                   num_heads=None):
+  """Mean head output at the last prompt position over prompts -> (L, H, D) f32.
+
+  prompts: model inputs dict of arrays with leading dim M (e.g. input_ids and
+    attention_mask (M, T) for decoder-only; T5 also decoder_input_ids (M, 1)).
+  """
+  pattern = pattern or default_pattern(model.config)
+  fn = jax.jit(lambda p, x: capture(model, p, x, pattern=pattern,
+                                    num_heads=num_heads)[1].sum(0))
+  m = len(next(iter(prompts.values())))
+  total = 0.0
+  for start in range(0, m, batch_size):
+    chunk = {k: jnp.asarray(v[start:start + batch_size]) for k, v in prompts.items()}
+    total = total + fn(params, chunk)
+  return total / m
+
+
+# --------------------------------------------------------------- injection --
+
+
+def inject_edit(embedding, alpha, positions):
+  """edit(layer, heads) mixing per-row embedding (B,L,H,D) with alpha (B,L,H) at positions (B,)."""
+
+  def edit(layer, heads):
+    t = heads.shape[1]
+    at = (jnp.arange(t)[None, :] == positions[:, None])[:, :, None, None]
+    a = alpha[:, layer][:, None, :, None].astype(jnp.float32)
+    e = embedding[:, layer][:, None].astype(jnp.float32)
+    mixed = (1.0 - a) * heads.astype(jnp.float32) + a * e
+    return jnp.where(at, mixed.astype(heads.dtype), heads)
+
+  return edit
+
+
+def select(bank, task_index, batch):
+  """(K, ...) bank or (...) single task -> (B, ...) per row by task_index (B,)."""
+  bank = jnp.asarray(bank)
+  if task_index is None:
+    return jnp.broadcast_to(bank, (batch,) + bank.shape)
+  return jnp.take(bank, jnp.asarray(task_index), axis=0)
+
+
+def apply_injected(model, params, inputs, embedding, alpha, *, task_index=None,
+                   positions=None, pattern=None, num_heads=None, method=None,
+                   cache=None, **apply_kwargs):
+  """model.apply with heads mixed at `positions`.
+
+  embedding (L,H,D) or a bank (K,L,H,D); alpha (L,H) or (K,L,H) in [0,1];
+  task_index (B,) picks each row's task from the banks; cache: a 'cache'
+  collection for incremental decoding (pass decode=True, mutable=['cache']).
+  """
+  pattern = pattern or default_pattern(model.config)
+  num_heads = num_heads or num_heads_of(model.config)
+  positions = injection_positions(model, inputs) if positions is None else positions
+  batch = positions.shape[0]
+  edit = inject_edit(select(embedding, task_index, batch),
+                     select(alpha, task_index, batch), positions)
+  variables = {"params": params} if cache is None else {"params": params,
+                                                         "cache": cache}
+  with nn.intercept_methods(head_hook(pattern, num_heads, edit)):
+    return model.apply(variables, **_model_kwargs(inputs), method=method,
+                       **apply_kwargs)
+
+
+def alpha_of(alpha_logits):
+  return jax.nn.sigmoid(jnp.asarray(alpha_logits, jnp.float32))
+
+
+# ---------------------------------------------------------- fitting alpha --
+
+
+def first_token_loss(model, params, embedding, alpha_logits, batch, pattern=None):
+  """Mean cross-entropy of the first target token with the embedding injected.
+
+  batch: model inputs + 'first_target' (B,) int32.
+  """
+  inputs = {k: v for k, v in batch.items() if k != "first_target"}
+  positions = injection_positions(model, inputs)
+  logits = apply_injected(model, params, inputs, embedding,
+                          alpha_of(alpha_logits), positions=positions,
+                          pattern=pattern)
+  last = jnp.take_along_axis(logits, positions[:, None, None], axis=1)[:, 0]
+  return optax.softmax_cross_entropy_with_integer_labels(
+      last, batch["first_target"]).mean()
+
+
+@dataclasses.dataclass
+class FitResult:
+  alpha_logits: np.ndarray           # (L, H), the best-validation logits
+  best_step: int
+  best_val_loss: float
+  history: list                      # [(step, train_loss, val_loss)]
+
+
+def fit_alpha(model, params, embedding, train, val, *, steps=400,
+              learning_rate=0.2, batch_size=1, eval_every=10, seed=0,
+              pattern=None):
+  """Adam on the (L, H) head-selection logits with the model frozen.
+
+  train / val: model inputs dicts + 'first_target', leading dim = examples.
+  Keeps the logits with the lowest validation loss (evaluated at step 0 and
+  every `eval_every` steps), unlike the paper's reference code, which keeps
+  the last ones.
+  """
+  num_layers, num_heads = embedding.shape[:2]
+  logits0 = jnp.zeros((num_layers, num_heads), jnp.float32)
+  opt = optax.adam(learning_rate)
+  loss_fn = lambda a, b: first_token_loss(model, params, embedding, a, b, pattern)
+
+  @jax.jit
+  def step(a, state, b):
+    loss, grad = jax.value_and_grad(loss_fn)(a, b)
+    updates, state = opt.update(grad, state, a)
+    return optax.apply_updates(a, updates), state, loss
+
+  val = {k: jnp.asarray(v) for k, v in val.items()}
+  val_loss = jax.jit(loss_fn)
+  n = len(train["first_target"])
+  rng = np.random.default_rng(seed)
+  a, state = logits0, opt.init(logits0)
+  best = (float(val_loss(a, val)), 0, np.asarray(a))
+  history, train_loss = [(0, float("nan"), best[0])], float("nan")
+  order = rng.permutation(n)
+  for i in range(1, steps + 1):
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(n)])
+    idx, order = order[:batch_size], order[batch_size:]
+    a, state, loss = step(a, state, {k: jnp.asarray(v[idx]) for k, v in train.items()})
+    train_loss = float(loss)
+    if i % eval_every == 0 or i == steps:
+      v = float(val_loss(a, val))
+      history.append((i, train_loss, v))
+      if v < best[0]:
+        best = (v, i, np.asarray(a))
+  return FitResult(alpha_logits=best[2], best_step=best[1],
+                   best_val_loss=best[0], history=history)
+
+
+# ------------------------------------------------------ the method object --
+
+
+class SoftInjection:
+  """Method (see mtjax.methods): a bank of K frozen task embeddings and their
+  trainable head-selection logits; rows pick their task by 'adapter_index'.
+
+  params['soft_injection'] = {'alpha_logits': (K, L, H), 'embedding': (K, L, H, D)}.
+  Inputs may carry 'injection_position' (B,) (e.g. when targets follow the
+  prompt in input_ids); the default is `injection_positions`.
+  """
+  trainable = r"soft_injection/alpha_logits"
+
+  def __init__(self, embeddings, pattern=None):
+    self.embeddings = np.asarray(embeddings, np.float32)
+    if self.embeddings.ndim == 3:
+      self.embeddings = self.embeddings[None]
+    if self.embeddings.ndim != 4:
+      raise ValueError("embeddings must be (L, H, D) or (K, L, H, D), got "
+                       f"{self.embeddings.shape}")
+    self.pattern = pattern
+
+  def init(self, rng, model, base_params):
+    del rng, model, base_params
+    names = ("experts", "layers", "heads")
+    return {"soft_injection": {
+        "alpha_logits": nn.LogicallyPartitioned(
+            jnp.zeros(self.embeddings.shape[:3], jnp.float32), names),
+        "embedding": nn.LogicallyPartitioned(
+            jnp.asarray(self.embeddings), names + ("kv",))}}
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True):
+    del rng, deterministic  # the base model runs frozen and deterministic
+    tree = params["soft_injection"]
+    inputs = dict(inputs)
+    index = inputs.pop("adapter_index", None)
+    if index is None:
+      index = jnp.zeros((next(iter(inputs.values())).shape[0],), jnp.int32)
+    return apply_injected(model, params["base"], inputs,
+                          jax.lax.stop_gradient(tree["embedding"]),
+                          alpha_of(tree["alpha_logits"]), task_index=index,
+                          pattern=self.pattern)
+
+
+def build(method_config, model):
+  """SoftInjection from a config with .embeddings (array or library dir list)."""
+  del model
+  return SoftInjection(method_config.embeddings,
+                       pattern=method_config.get("pattern", None)
+                       if hasattr(method_config, "get") else None)
+
+
+# ------------------------------------------------------------ generation --
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prefill",
+                                             "max_new_tokens", "eos_ids",
+                                             "pad_id"))
+def greedy_with_prefill(model, params, input_ids, attention_mask, extra,
+                        prefill, max_new_tokens, eos_ids=None, pad_id=0):
+  """Greedy decoding (decoder-only) whose prefill call is `prefill`.
+
+  prefill(model, params, input_ids, attention_mask, extra, max_new_tokens)
+  -> (last-position logits (B, V), cache); `extra` is a pytree of arrays it
+  reads (e.g. embedding and alpha). Every decoding step is a plain cached
+  model call, so methods that differ only in their prefill (zero-shot, ICL,
+  soft injection, prompt tuning) are timed on the same loop.
+  """
+  b = input_ids.shape[0]
+  logits, cache = prefill(model, params, input_ids, attention_mask, extra,
+                          max_new_tokens)
+  eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+  def pick(logits, done):
+    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
+    return tok, done | jnp.isin(tok, eos)
+
+  tok, done = pick(logits, jnp.zeros((b,), bool))
+
+  def step(carry, _):
+    cache, tok, done = carry
+    logits, mut = model.apply({"params": params, "cache": cache}, tok[:, None],
+                              jnp.ones((b, 1), jnp.int32), decode=True,
+                              mutable=["cache"])
+    new, done = pick(logits[:, -1], done)
+    return (mut["cache"], new, done), new
+
+  _, rest = jax.lax.scan(step, (cache, tok, done), None,
+                         length=max_new_tokens - 1)
+  return jnp.concatenate([tok[:, None], rest.T], axis=1)
+
+
+def plain_prefill(model, params, input_ids, attention_mask, extra,
+                  max_new_tokens):
+  """Zero-shot / ICL prefill: the unchanged model."""
+  del extra
+  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
+  b, p = input_ids.shape
+  cache = decoder.init_cache(model, params, b, p + max_new_tokens)
+  logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
+                            attention_mask, decode=True, mutable=["cache"])
+  return logits[:, -1], mut["cache"]
+
+
+def injected_prefill(model, params, input_ids, attention_mask, extra,
+                     max_new_tokens):
+  """Prefill with the injection at the last (left-padded) prompt column.
+
+  extra = (embedding, alpha, task_index or None); the edited head outputs
+  shape the cached keys/values of later layers, which carries the injection
+  into every generated token.
+  """
+  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
+  embedding, alpha, task_index = extra
+  b, p = input_ids.shape
+  cache = decoder.init_cache(model, params, b, p + max_new_tokens)
+  logits, mut = apply_injected(
+      model, params, {"input_ids": input_ids, "attention_mask": attention_mask},
+      embedding, alpha, task_index=task_index,
+      positions=jnp.full((b,), p - 1, jnp.int32), cache=cache, decode=True,
+      mutable=["cache"])
+  return logits[:, -1], mut["cache"]
+
+
+def _eos_pad(model, eos_id):
+  eos_ids = None if eos_id is None else tuple(np.atleast_1d(eos_id).tolist())
+  pad_id = model.config.pad_token_id
+  if pad_id is None:
+    pad_id = eos_ids[0] if eos_ids else 0
+  return eos_ids, int(pad_id)
+
+
+def _left_padded(model, input_ids, attention_mask):
+  if model.config.is_encoder_decoder:
+    raise NotImplementedError("cached injected generation is decoder-only; "
+                              "for T5 use apply_injected at decoder step 0")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  attention_mask = (jnp.ones_like(input_ids) if attention_mask is None
+                    else jnp.asarray(attention_mask, jnp.int32))
+  if bool((attention_mask[:, -1] == 0).any()):
+    raise ValueError("generate needs left-padded prompts: the last column of "
+                     "attention_mask must be 1 for every row")
+  return input_ids, attention_mask
+
+
+def generate(model, params, input_ids, attention_mask, embedding, alpha,
+             max_new_tokens=16, *, task_index=None, eos_id=None):
+  """Greedy continuations (B, max_new_tokens) int32 with the KV cache.
+
+  Decoder-only, left-padded prompts. The injection happens once, in the
+  prefill at the prompt's last position; decoding steps are plain model
+  calls, so the cost equals zero-shot generation. embedding/alpha as in
+  `apply_injected` (banks + task_index (B,) for per-row tasks). After `eos_id`
+  a row emits the pad id (like decoder.generate). Uses the default o-proj
+  pattern of the model's family.
+  """
+  input_ids, attention_mask = _left_padded(model, input_ids, attention_mask)
+  eos_ids, pad_id = _eos_pad(model, eos_id)
+  extra = (jnp.asarray(embedding), jnp.asarray(alpha),
+           None if task_index is None else jnp.asarray(task_index, jnp.int32))
+  return greedy_with_prefill(model, params, input_ids, attention_mask, extra,
+                             injected_prefill, int(max_new_tokens), eos_ids,
+                             pad_id)
+
+
+def generate_plain(model, params, input_ids, attention_mask, max_new_tokens=16,
+                   *, eos_id=None):
+  """Zero-shot/ICL greedy generation on the same loop as `generate`."""
+  input_ids, attention_mask = _left_padded(model, input_ids, attention_mask)
+  eos_ids, pad_id = _eos_pad(model, eos_id)
+  return greedy_with_prefill(model, params, input_ids, attention_mask, (),
+                             plain_prefill, int(max_new_tokens), eos_ids, pad_id)
+
+
+def generate_uncached(model, params, input_ids, attention_mask, embedding,
+                      alpha, max_new_tokens, *, task_index=None, pattern=None):
+  """Greedy decoding recomputing the full forward each step (decoder-only).
+
+  Injection stays at the original last prompt position. Returns
+  (B, max_new_tokens) int32; the reference for the cached `generate`.
+  """
+  ids = jnp.asarray(input_ids, jnp.int32)
+  mask = jnp.asarray(attention_mask, jnp.int32)
+  positions = last_positions(mask)
+  fn = jax.jit(lambda i, m: apply_injected(
+      model, params, {"input_ids": i, "attention_mask": m}, embedding, alpha,
+      task_index=task_index, positions=positions, pattern=pattern)[:, -1])
+  out = []
+  for _ in range(max_new_tokens):
+    nxt = jnp.argmax(fn(ids, mask), -1).astype(jnp.int32)
+    out.append(nxt)
+    ids = jnp.concatenate([ids, nxt[:, None]], 1)
+    mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], 1)
+  return jnp.stack(out, 1)
+
+
+# --------------------------------------------------------------- storage --
+
+
+def save(directory, task, embedding, alpha_logits=None, **meta):
+  """Writes <directory>/<task>/soft_injection.{safetensors,json}."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, task)
+  os.makedirs(path, exist_ok=True)
+  tensors = {"embedding": np.asarray(embedding, np.float32)}
+  if alpha_logits is not None:
+    tensors["alpha_logits"] = np.asarray(alpha_logits, np.float32)
+  save_file(tensors, os.path.join(path, "soft_injection.safetensors"))
+  info = {"method": "soft_injection", "task": task,
+          "shape": list(tensors["embedding"].shape), **meta}
+  with open(os.path.join(path, "soft_injection.json"), "w") as f:
+    json.dump(info, f, indent=1, default=str)
+  return path
+
+
+def load(directory, task):
+  """-> (embedding (L,H,D), alpha_logits (L,H) or None, meta dict)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, task)
+  file = os.path.join(path, "soft_injection.safetensors")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"no soft-injection embedding for task {task!r} "
+                            f"at {file}; build it with task_embedding() + save().")
+  tensors = load_file(file)
+  with open(os.path.join(path, "soft_injection.json")) as f:
+    meta = json.load(f)
+  return tensors["embedding"], tensors.get("alpha_logits"), meta
