@@ -445,16 +445,16 @@ def init_cache(model, params, batch_size, max_length):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _pick(logits, temperature, rng):
-  if temperature == 0.0:
+def _pick(logits, temperature, rng, greedy):
+  if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens",
-                                             "temperature", "eos_ids", "pad_id"))
-def _generate(model, params, input_ids, attention_mask, rng, max_new_tokens,
-              temperature, eos_ids, pad_id):
+                                             "greedy", "eos_ids", "pad_id"))
+def _generate(model, params, input_ids, attention_mask, rng, temperature,
+              max_new_tokens, greedy, eos_ids, pad_id):
   b, p = input_ids.shape
   cache = init_cache(model, params, b, p + max_new_tokens)
   logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
@@ -462,7 +462,7 @@ def _generate(model, params, input_ids, attention_mask, rng, max_new_tokens,
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
   def pick(logits, rng, done):
-    tok = _pick(logits, temperature, rng)
+    tok = _pick(logits, temperature, rng, greedy)
     tok = jnp.where(done, pad_id, tok)
     return tok, done | jnp.isin(tok, eos)
 
@@ -506,9 +506,8 @@ def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
   if pad_id is None:
     pad_id = eos_ids[0] if eos_ids else 0
   return _generate(model, params, input_ids, attention_mask, rng,
-                   max_new_tokens=int(max_new_tokens),
-                   temperature=float(temperature), eos_ids=eos_ids,
-                   pad_id=int(pad_id))
+                   jnp.float32(temperature), max_new_tokens=int(max_new_tokens),
+                   greedy=temperature == 0, eos_ids=eos_ids, pad_id=int(pad_id))
 
 
 # ----------------------------------------------------------------------------
