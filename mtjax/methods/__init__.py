@@ -17,7 +17,8 @@ adapter-only checkpoints.
 from mtjax.methods import ia3, lora, prompt_tuning, transform  # noqa: F401
 
 _KWARGS = {
-    "lora": ("rank", "alpha", "dropout", "targets", "init_a", "num_experts"),
+    "lora": ("rank", "alpha", "dropout", "targets", "init_a", "num_experts",
+             "init_from"),
     "ia3": ("targets", "ff_targets", "num_experts"),
     "prompt_tuning": ("length", "init", "sample_vocab", "label_ids",
                       "init_from", "embedding", "scope", "num_experts",
@@ -32,7 +33,7 @@ _CLASSES = {
     "multitask_prompt": prompt_tuning.MultitaskPromptTuning,
 }
 # Config keys that belong to the surrounding job, not to the method object.
-_JOB_KEYS = ("name", "adapter_index_from", "tasks", "library", "init_checkpoint")
+_JOB_KEYS = ("name", "adapter_index_from")
 
 
 def _full():

@@ -341,3 +341,115 @@ def source_prompt(path):
     return np.asarray(p["shared"])
   emb = np.asarray(p["embedding"])
   return emb if emb.ndim == 2 else emb.mean(0)
+
+
+# ---------------------------------------------------- one expert per task
+
+def _plain_tasks(spec, reg):
+  """'held_in' / 'held_out' / 'a,b,c' / a tuple -> plain task names."""
+  if isinstance(spec, str):
+    if spec in ("held_in", "held_out"):
+      return list(getattr(reg, spec))
+    spec = [t for t in spec.split(",") if t]
+  tasks = list(spec)
+  if not tasks:
+    raise ValueError("config.library.tasks is empty: name tasks ('a,b'), "
+                     "'held_in' or 'held_out'")
+  for t in tasks:
+    reg.seqio_name(t)  # raises with the known names
+  return tasks
+
+
+def train_library(config, workdir):
+  """Trains one expert per task (config.library.tasks) into a library.
+
+  Each task runs the ordinary trainer (mtjax.training.train) on that task
+  alone in WORKDIR/runs/<task> (resumable: finished experts are skipped), then
+  its adapter-only checkpoint is written to the library with the task's
+  evaluation metrics. The base is the same for every expert (config.model
+  with config.seed, or config.model.hf_path). Returns the Library.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.training import train  # pylint: disable=g-import-not-at-top
+  lib_cfg = config.library
+  reg = data.register(data.vocabulary(config.data.vocab))
+  tasks = _plain_tasks(lib_cfg.tasks, reg)
+  lib = Library(lib_cfg.get("root") or os.path.join(workdir, "library"))
+  model_cfg = config.model.to_dict()
+  base_id = model_cfg.get("hf_path") or "scratch:" + hashlib.sha256(
+      json.dumps([model_cfg, config.seed], sort_keys=True,
+                 default=str).encode()).hexdigest()[:12]
+  done = {e.name for e in lib.list()} if os.path.isdir(lib.root) else set()
+  for task in tasks:
+    if task in done:
+      print(f"library: expert {task!r} exists in {lib.root}, skipped",
+            flush=True)
+      continue
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.data.mixture = task
+      cfg.eval.groups = (task,)
+    run_dir = os.path.join(workdir, "runs", task)
+    results = train.train_and_evaluate(cfg, run_dir)
+    params = load_adapter(run_dir)
+    lib.add(task, cfg.method, params, task=task, base_model=base_id,
+            steps=cfg.num_train_steps, metrics=results.get(task, {}))
+    print(f"library: added expert {task!r} to {lib.root}", flush=True)
+  return lib
+
+
+def train_prompt_transfer(config, workdir):
+  """Multitask prompt transfer: a source prompt, then target-task prompts.
+
+  Stage 1 (WORKDIR/source): multitask prompt tuning (config.transfer.source
+  method, e.g. shared prompt x per-task rank-1) on config.transfer.
+  source_mixture. Stage 2 (WORKDIR/targets/<task>): plain prompt tuning on each
+  of config.transfer.target_tasks, initialised from the source's shared prompt.
+  Returns {task: results} of the target runs.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.training import train  # pylint: disable=g-import-not-at-top
+  tcfg = config.transfer
+  reg = data.register(data.vocabulary(config.data.vocab))
+  source_dir = os.path.join(workdir, "source")
+  src = copy.deepcopy(config)
+  with src.unlocked():
+    src.method = copy.deepcopy(tcfg.source_method)
+    if src.method.get("num_tasks", 0) == 0:   # one per task of the mixture
+      src.method.num_tasks = len(_mixture_tasks(reg.seqio_name(
+          tcfg.source_mixture)))
+    src.data.mixture = tcfg.source_mixture
+    src.num_train_steps = tcfg.source_steps
+    src.eval.groups = ()
+  train.train_and_evaluate(src, source_dir)
+  out = {}
+  for task in _plain_tasks(tcfg.target_tasks, reg):
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.method.init_from = source_dir
+      cfg.data.mixture = task
+      cfg.eval.groups = (task,)
+    out[task] = train.train_and_evaluate(
+        cfg, os.path.join(workdir, "targets", task))
+  return out
+
+
+def _mixture_tasks(seqio_name):
+  import seqio  # pylint: disable=g-import-not-at-top
+  provider = seqio.get_mixture_or_task(seqio_name)
+  return (provider.tasks if isinstance(provider, seqio.Mixture)
+          else [provider])
+
+
+JOBS = {"library": train_library, "prompt_transfer": train_prompt_transfer}
+
+
+def run_job(config, workdir):
+  """Entry for mtjax.main: config.job in JOBS (plain training is the trainer's)."""
+  job = config.get("job", "train")
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r}: methods run {sorted(JOBS)}; plain "
+                     "training is job 'train' (mtjax.training.train)")
+  return JOBS[job](config, workdir)

@@ -39,7 +39,7 @@ class LoRA:
   trainable = r"lora/.*"
 
   def __init__(self, rank=8, alpha=16.0, dropout=0.0, targets=None,
-               init_a="kaiming_uniform", num_experts=0):
+               init_a="kaiming_uniform", num_experts=0, init_from=None):
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if init_a not in ("kaiming_uniform", "gaussian"):
@@ -48,6 +48,7 @@ class LoRA:
     self.targets = None if targets is None else tuple(
         [targets] if isinstance(targets, str) else targets)
     self.init_a, self.num_experts = init_a, int(num_experts)
+    self.init_from = init_from or None
 
   @property
   def scale(self):
@@ -59,6 +60,8 @@ class LoRA:
   def init(self, rng, model, base_params=None):
     """Method params; leaves are nn.LogicallyPartitioned (nn.unbox for arrays)."""
     del base_params  # shapes come from the abstract model
+    loaded = self._load(model) if self.init_from else None
+    rng = jax.random.key(0) if rng is None else rng   # unused when loaded
     lead = (self.num_experts,) if self.num_experts else ()
     lead_axes = ("experts",) if self.num_experts else ()
     flat = {}
@@ -72,11 +75,34 @@ class LoRA:
       else:
         a = jax.random.normal(key, lead + (d_in, self.rank)) / self.rank
       b = jnp.zeros(lead + (self.rank, d_out), jnp.float32)
+      if loaded is not None:
+        a, b = self._loaded_leaf(loaded, path, a.shape, b.shape)
       flat[path] = {
           "lora_a": transform.boxed(a, lead_axes + (t.in_axis, "rank")),
           "lora_b": transform.boxed(b, lead_axes + ("rank", t.out_axis))}
     return {"lora": transform.nest(flat)}
 
+
+  def _load(self, model):
+    """Adapter params from `init_from` (expert / PEFT / orbax / workdir)."""
+    from mtjax.methods import library  # pylint: disable=g-import-not-at-top
+    tree = library.load_adapter(self.init_from, model)
+    if "lora" not in tree:
+      raise ValueError(f"init_from={self.init_from!r} holds {sorted(tree)}, "
+                       "not LoRA params")
+    return tree["lora"]
+
+  def _loaded_leaf(self, loaded, path, a_shape, b_shape):
+    node = transform.lookup(loaded, path.split("/"))
+    if node is None:
+      raise ValueError(f"init_from={self.init_from!r} has no LoRA for {path}; "
+                       "use the targets it was trained with")
+    a, b = jnp.asarray(node["lora_a"]), jnp.asarray(node["lora_b"])
+    if a.shape != a_shape or b.shape != b_shape:
+      raise ValueError(f"init_from={self.init_from!r}: {path} has shapes "
+                       f"{a.shape}, {b.shape}; this method expects {a_shape}, "
+                       f"{b_shape} (rank / num_experts differ?)")
+    return a, b
 
   def hook(self, next_fun, x, leaf, ctx):
     y = next_fun(x)

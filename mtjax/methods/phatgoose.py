@@ -367,3 +367,462 @@ def plot_routing(loads_by_task, expert_names, path, title="PHATGOOSE routing"):
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+# ---------------------------------------------------------------- pipeline
+# run(config, workdir): base -> one LoRA expert per held-in task -> gates ->
+# every method on held-in and held-out tasks (configs/phatgoose.py).
+
+def _log(msg):
+  print(msg, flush=True)
+
+
+class _Fitter:
+  """Trains one method's trainable leaves with mtjax.training.trainer pieces.
+
+  The jitted step is built once and reused for every call with the same
+  shapes (all experts, all gate sets), so each stage compiles once.
+  """
+
+  def __init__(self, method, model, mesh, opt_cfg, num_steps, seed=0):
+    from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
+    self.t, self.method, self.model, self.mesh = trainer, method, model, mesh
+    self.num_steps = num_steps
+    self.tx, _ = trainer.make_optimizer(opt_cfg, max(num_steps, 1))
+    self.step = trainer.make_train_step(method, model, self.tx, 64, 1, seed)
+    self.fn = None
+
+  def __call__(self, flat, flat_sh, batches, adapter_map=None):
+    """Trained full param tree and the last loss."""
+    t = self.t
+    trainable, frozen = t.split_trainable(flat, self.method.trainable)
+    state, state_sh = t.init_state(
+        self.tx, trainable, {k: flat_sh[k] for k in trainable}, self.mesh)
+    frozen = {k: jax.device_put(v, flat_sh[k]) for k, v in frozen.items()}
+    if self.fn is None:
+      self.fn = t.jit_train_step(self.step, state_sh,
+                                 {k: flat_sh[k] for k in frozen}, self.mesh)
+    loss = float("nan")
+    for _ in range(self.num_steps):
+      host = next(batches)
+      host["task_index"] = np.minimum(host["task_index"], 63)
+      if adapter_map is not None:
+        host["adapter_index"] = adapter_map[host["task_index"]]
+      state, m = self.fn(state, frozen, t.put_batch(host, self.mesh))
+    if self.num_steps:
+      loss = float(m["loss"])
+    return t.unflatten({**state["params"], **frozen}), loss
+
+
+def _flat_with_shardings(method, model, mesh, base, rng):
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.init_params(model, method, rng, mesh, base)
+
+
+def _batches(ctx, name, seed):
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  return data.train_batches(ctx["reg"].seqio_name(name), ctx["vocab"],
+                            ctx["lengths"], ctx["config"].batch_size,
+                            ctx["kind"], seed=seed)
+
+
+def _eval_inputs(ctx, task, max_examples):
+  """Teacher-forced model-input batches of a task's eval examples."""
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  cfg = ctx["config"]
+  exs = data.eval_examples(task, ctx["vocab"], split=cfg.eval.split,
+                           max_examples=max_examples)
+  rows = [(e["input_ids"], e["target_ids"]) for e in exs]
+  bs = cfg.eval.batch_size
+  out = []
+  for start in range(0, len(rows), bs):
+    chunk = rows[start:start + bs]
+    chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed shape, one compile
+    batch = evaluate.score_rows(chunk, ctx["kind"], ctx["lengths"])
+    out.append(data.model_inputs(batch, ctx["kind"]))
+  return out, len(rows)
+
+
+def _evaluate(ctx, name, method, params_for_task, tasks):
+  """{task: metrics} with one compiled scorer/greedy for all tasks."""
+  from mtjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  cfg = ctx["config"]
+  key = ("eval_fns", id(method))
+  if key not in ctx:   # one compilation per method object, not per task
+    ctx[key] = (method, {
+        "score": evaluate.make_scorer(method, ctx["model"]),
+        "greedy": evaluate.make_greedy(method, ctx["model"],
+                                       cfg.eval.max_new_tokens)})
+  fns = ctx[key][1]
+  res = {}
+  for task in tasks:
+    res[task] = evaluate.evaluate_task(
+        fns, ctx["model"], params_for_task(task), task, ctx["vocab"], cfg.eval,
+        ctx["lengths"], ctx["mesh"])
+  _log(f"[{name}] " + " ".join(f"{t}={_headline(m):.3f}"
+                                for t, m in res.items()))
+  return res
+
+
+def _headline(metrics):
+  for key in ("accuracy", "exact_match"):
+    if key in metrics:
+      return float(metrics[key])
+  return float(next(iter(metrics.values())))
+
+
+def _route_records(ctx, method, params, task, max_examples):
+  """[(records, inputs)] of a routed method on a task's eval inputs."""
+  key = ("records", id(method))
+  if key not in ctx:
+    def fn(p, inp):
+      rec = {}
+      method.apply(ctx["model"], p, inp, records=rec)
+      return rec
+    ctx[key] = (method, jax.jit(fn))
+  out = []
+  batches, n = _eval_inputs(ctx, task, max_examples)
+  for inp in batches:
+    rec = jax.device_get(ctx[key][1](params, inp))
+    out.append((rec, jax.device_get(inp)))
+  return out, n
+
+
+def diagnostics(ctx, method, params_for_task, tasks, own, num_experts):
+  """Per task: entropy and oracle agreement per layer, load per expert."""
+  out, loads = {}, {}
+  for task in tasks:
+    recs, _ = _route_records(ctx, method, params_for_task(task), task,
+                             ctx["config"].diagnostics_examples)
+    merged = {}
+    for rec, inp in recs:
+      for path, row in summarize_records(rec, inp, num_experts,
+                                         own.get(task)).items():
+        m = merged.setdefault(path, {"tokens": 0})
+        n = row["tokens"]
+        for k, v in row.items():
+          if k != "tokens":
+            m[k] = m.get(k, 0.0) + np.asarray(v) * n
+        m["tokens"] += n
+    for m in merged.values():
+      for k in list(m):
+        if k != "tokens":
+          m[k] = m[k] / max(m["tokens"], 1)
+    loads[task] = layer_loads(merged)
+    out[task] = {
+        "entropy_by_layer": by_layer(merged, "entropy"),
+        "load": np.mean([m["load"] for m in merged.values()], 0).tolist()}
+    if task in own:
+      out[task]["top1_own_by_layer"] = by_layer(merged, "top1_own")
+      out[task]["topk_own_by_layer"] = by_layer(merged, "topk_own")
+      out[task]["top1_own"] = float(np.mean(
+          [m["top1_own"] for m in merged.values()]))
+  return out, loads
+
+
+def save_choices(ctx, method, params_for_task, tasks, path):
+  """npz of per-token, per-module choices: '<task>|<module>|idx' etc."""
+  arrays = {}
+  for task in tasks:
+    recs, n = _route_records(ctx, method, params_for_task(task), task,
+                             ctx["config"].diagnostics_examples)
+    for mod in recs[0][0]:
+      for key in ("idx", "w"):
+        arrays[f"{task}|{mod}|{key}"] = np.concatenate(
+            [r[mod][key] for r, _ in recs])[:n]
+      arrays[f"{task}|{mod}|mask"] = np.concatenate(
+          [token_mask(mod, r[mod]["idx"].shape[:-1], i) for r, i in recs])[:n]
+  np.savez_compressed(path, **arrays)
+  return path
+
+
+def _opt(config, lr):
+  opt = config.optimizer.copy_and_resolve_references() if hasattr(
+      config.optimizer, "copy_and_resolve_references") else dict(
+          config.optimizer)
+  opt.learning_rate = lr
+  return opt
+
+
+def train_library(ctx, base, lora, rng):
+  """One LoRA expert per held-in task, then its gates: the library."""
+  cfg = ctx["config"]
+  model, mesh = ctx["model"], ctx["mesh"]
+  fit = _Fitter(lora, model, mesh, _opt(cfg, cfg.expert_lr), cfg.expert_steps,
+                cfg.seed)
+  experts = []
+  for i, task in enumerate(ctx["held_in"]):
+    flat, sh = _flat_with_shardings(lora, model, mesh, base,
+                                    jax.random.fold_in(rng, i))
+    p, loss = fit(flat, sh, _batches(ctx, task, cfg.seed + i))
+    experts.append(p["lora"])
+    _log(f"expert {task}: {cfg.expert_steps} steps, loss {loss:.3f}")
+  gates = GateTraining(lora)
+  gfit = _Fitter(gates, model, mesh, _opt(cfg, cfg.gate_lr), cfg.gate_steps,
+                 cfg.seed)
+  library = new_library()
+  for i, task in enumerate(ctx["held_in"]):
+    gates.expert = experts[i]
+    flat, sh = _flat_with_shardings(gates, model, mesh, base, rng)
+    p, loss = gfit(flat, sh, _batches(ctx, task, cfg.seed + 1000 + i))
+    library = add_expert(library, task, experts[i], p["gate"])
+    _log(f"gates {task}: {cfg.gate_steps} steps, loss {loss:.3f}")
+  return library
+
+
+def _table(results, held_in, held_out):
+  """Text table (rows methods, columns tasks + averages) and averages dict."""
+  tasks = held_in + held_out
+  cols = tasks + ["avg_held_in", "avg_held_out"]
+  rows, avgs = [], {}
+  for name, res in results.items():
+    vals = {t: _headline(res[t]) for t in tasks if t in res}
+    hi = [vals[t] for t in held_in if t in vals]
+    ho = [vals[t] for t in held_out if t in vals]
+    vals["avg_held_in"] = float(np.mean(hi)) if hi else float("nan")
+    vals["avg_held_out"] = float(np.mean(ho)) if ho else float("nan")
+    avgs[name] = {"held_in": vals["avg_held_in"],
+                  "held_out": vals["avg_held_out"]}
+    rows.append((name, vals))
+  short = [c[:9] for c in cols]
+  lines = ["method".ljust(12) + " ".join(s.rjust(9) for s in short)]
+  for name, vals in rows:
+    lines.append(name.ljust(12) + " ".join(
+        f"{vals.get(c, float('nan')):9.3f}" for c in cols))
+  return "\n".join(lines), avgs
+
+
+def setup(config):
+  """Mesh, data registry, model and base params (trained if base_steps)."""
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.methods import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  vocab = data.vocabulary(config.data.vocab)
+  reg = data.register(vocab)
+  rng = jax.random.key(config.seed)
+  model_cfg = config.model.copy_and_resolve_references()
+  if not model_cfg.get("hf_path") and not model_cfg.vocab_size:
+    model_cfg.vocab_size = vocab.vocab_size
+  model, base = trainer.build_model(model_cfg, rng, mesh)
+  ctx = dict(config=config, vocab=vocab, reg=reg, model=model, mesh=mesh,
+             kind=trainer.model_kind(model), rng=rng,
+             lengths={"inputs": config.data.inputs_length,
+                      "targets": config.data.targets_length},
+             held_in=list(config.held_in or reg.held_in),
+             held_out=list(config.held_out or reg.held_out),
+             lora=lora_lib.LoRA(rank=config.expert.rank,
+                                alpha=config.expert.alpha,
+                                targets=tuple(config.expert.targets)))
+  if config.base_steps:
+    full = trainer.FullFineTuning()
+    with sharding.use_mesh(mesh):
+      flat, sh = _flat_with_shardings(full, model, mesh, base, rng)
+      p, loss = _Fitter(full, model, mesh, _opt(config, config.base_lr),
+                        config.base_steps, config.seed)(
+                            flat, sh, _batches(ctx, config.base_mixture,
+                                               config.seed + 7))
+    base = p["base"]
+    _log(f"base: {config.base_steps} steps on {config.base_mixture}, "
+         f"loss {loss:.3f}")
+  ctx["base"] = base
+  return ctx
+
+
+def run(config, workdir):
+  """The full pipeline of configs/phatgoose.py; returns the results dict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.methods import routing_baselines as rb  # pylint: disable=g-import-not-at-top
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
+
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  ctx = setup(config)
+  mesh, model, base, lora = ctx["mesh"], ctx["model"], ctx["base"], ctx["lora"]
+  held_in, held_out, reg, rng = (ctx["held_in"], ctx["held_out"], ctx["reg"],
+                                 ctx["rng"])
+  kind = ctx["kind"]
+  methods = [m for m in config.methods.split(",") if m]
+  results, diag = {}, {}
+  with sharding.use_mesh(mesh):
+    library = train_library(ctx, base, lora, jax.random.fold_in(rng, 1))
+    stacked = stack_library(library)
+    num_e = len(held_in)
+    own = {t: i for i, t in enumerate(held_in)}
+    tasks = held_in + held_out
+    _log(f"library: {num_e} experts, {_size_mb(stacked):.1f} MB "
+         f"({time.time() - t_start:.0f}s so far)")
+
+    def routed(strategy, k, **kw):
+      m = RoutedLoRA(lora, strategy, top_k=k, impl=config.impl)
+      p = routed_params(base, stacked, strategy, **kw)
+      return m, p
+
+    for name in methods:
+      t0 = time.time()
+      if name == "base":
+        results[name] = _evaluate(ctx, name, trainer.FullFineTuning(),
+                                  lambda t: {"base": base}, tasks)
+      elif name == "multitask":
+        flat, sh = _flat_with_shardings(lora, model, mesh, base,
+                                        jax.random.fold_in(rng, 2))
+        p, _ = _Fitter(lora, model, mesh, _opt(config, config.expert_lr),
+                       config.multitask_steps, config.seed)(
+                           flat, sh, _batches(ctx, "held_in", config.seed + 3))
+        results[name] = _evaluate(ctx, name, lora, lambda t, p=p: p, tasks)
+      elif name in ("phatgoose", "arrow", "uniform", "merged"):
+        m, p = routed(name, config.top_k)
+        results[name] = _evaluate(ctx, name, m, lambda t, p=p: p, tasks)
+        if name in ("phatgoose", "arrow"):
+          diag[name], loads = diagnostics(ctx, m, lambda t, p=p: p, tasks, own,
+                                          num_e)
+          if name == "phatgoose":
+            ho_loads = {t: loads[t] for t in held_out}
+            plot_path = plot_routing(
+                ho_loads, held_in, os.path.join(workdir, "routing_held_out.png"),
+                "PHATGOOSE: share of routed tokens per expert, by layer")
+            save_choices(ctx, m, lambda t, p=p: p, tasks,
+                         os.path.join(workdir, "routing_choices.npz"))
+      elif name == "oracle":
+        m, _ = routed("fixed", 1, weights=np.ones(num_e))
+        def with_w(w):
+          return routed_params(base, stacked, "fixed", weights=w)
+        res = _evaluate(ctx, name, m, lambda t: with_w(rb.one_hot(own[t], num_e)),
+                        held_in)
+        for t in held_out:   # best single expert, chosen with the labels
+          best = None
+          for e in range(num_e):
+            r = _evaluate(ctx, f"expert {held_in[e]} on {t}", m,
+                          lambda _, e=e: with_w(rb.one_hot(e, num_e)), [t])[t]
+            if best is None or _headline(r) > _headline(best):
+              best = dict(r, expert=held_in[e])
+          res[t] = best
+        results[name] = res
+      elif name == "task_gate":
+        mp, pp = routed("phatgoose", config.top_k)
+        m, _ = routed("fixed", config.top_k, weights=np.ones(num_e))
+        def task_params(t, mp=mp, pp=pp):
+          recs, _ = _route_records(ctx, mp, pp, t, config.diagnostics_examples)
+          w = rb.task_level_weights([r for r, _ in recs], [i for _, i in recs],
+                                    num_e, config.top_k)
+          return routed_params(base, stacked, "fixed", weights=w)
+        results[name] = _evaluate(ctx, name, m, task_params, tasks)
+      elif name == "retrieval":
+        m = rb.RetrievalRouting(lora, impl=config.impl)
+        per_expert = []
+        for i, t in enumerate(held_in):
+          it = _batches(ctx, t, config.seed + 5000 + i)
+          per_expert.append([data.model_inputs(next(it), kind)
+                             for _ in range(config.retrieval_batches)])
+        cen = rb.centroids(model, base, per_expert)
+        p = dict(routed_params(base, stacked, "fixed",
+                               weights=np.ones(num_e)),
+                 retrieval={"centroids": cen})
+        results[name] = _evaluate(ctx, name, m, lambda t, p=p: p, tasks)
+        diag[name], _ = diagnostics(ctx, m, lambda t, p=p: p, tasks, own, num_e)
+      elif name in ("poly", "mhr", "mhr_mu", "mhr_z"):
+        heads = 1 if name == "poly" else config.poly.heads
+        key = ("poly_params", heads)
+        pm = rb.PolyLoRA(lora, num_e, config.poly.num_skills, heads)
+        if key not in ctx:
+          flat, sh = _flat_with_shardings(pm, model, mesh, base,
+                                          jax.random.fold_in(rng, 3))
+          it = _batches(ctx, "held_in", config.seed + 4)
+          plain = {v: k for k, v in reg.names.items()}
+          amap = np.array([own[plain.get(n, n)] for n in it.task_names],
+                          np.int32)
+          ctx[key], loss = _Fitter(pm, model, mesh, _opt(config, config.expert_lr),
+                                   config.poly.steps, config.seed)(
+                                       flat, sh, it, adapter_map=amap)
+          _log(f"{'poly' if heads == 1 else 'mhr'}: {config.poly.steps} steps, "
+               f"loss {loss:.3f}")
+        pp = ctx[key]
+        if name == "mhr_mu":
+          fn = lambda t, pp=pp: rb.poly_eval_params(pp, None)
+        elif name == "mhr_z":
+          fn = lambda t, pp=pp, pm=pm: (
+              rb.poly_eval_params(pp, own[t]) if t in own
+              else _fit_alloc(ctx, pm, pp, t))
+        else:
+          fn = lambda t, pp=pp: rb.poly_eval_params(pp, own.get(t))
+        results[name] = _evaluate(ctx, name, pm, fn, tasks)
+      else:
+        raise ValueError(f"unknown method {name!r} in config.methods; use "
+                         "base, multitask, oracle, uniform, merged, arrow, "
+                         "phatgoose, task_gate, retrieval, poly, mhr, mhr_mu, "
+                         "mhr_z")
+      _log(f"  ({name}: {time.time() - t0:.0f}s)")
+
+  table, avgs = _table(results, held_in, held_out)
+  out = {"results": results, "averages": avgs, "diagnostics": diag,
+         "experts": held_in, "held_out": held_out,
+         "library_mb": _size_mb(stacked),
+         "seconds": time.time() - t_start}
+  with open(os.path.join(workdir, "phatgoose_results.json"), "w") as f:
+    json.dump(out, f, indent=1, default=_json_default)
+  _log("\n" + table)
+  if "phatgoose" in diag:
+    _log("PHATGOOSE own-expert top-1 rate per layer (held-in; chance "
+         f"{1 / num_e:.3f}):")
+    for t in held_in:
+      _log(f"  {t}: " + " ".join(
+          f"{k}={v:.2f}" for k, v in diag["phatgoose"][t][
+              "top1_own_by_layer"].items()))
+  if "phatgoose" in methods:
+    _log(f"routing plot: {plot_path}")
+  _log(f"total {time.time() - t_start:.0f}s; results in {workdir}")
+  return out
+
+
+def _fit_alloc(ctx, poly, params, task):
+  """MHR-z: fits only 'alloc_eval' on the task's training data."""
+  cfg = ctx["config"]
+  zpoly = type(poly)(poly.lora, poly.num_tasks, poly.num_skills, poly.heads)
+  zpoly.trainable = r"alloc_eval/.*"
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
+  p0 = routing_baselines_eval(params)
+  flat = trainer.flatten(p0)
+  sh = {k: jax.sharding.NamedSharding(ctx["mesh"], jax.sharding.PartitionSpec())
+        if not hasattr(v, "sharding") else v.sharding for k, v in flat.items()}
+  key = ("mhr_z_fitter", id(poly))
+  if key not in ctx:
+    ctx[key] = _Fitter(zpoly, ctx["model"], ctx["mesh"],
+                       _opt(cfg, cfg.poly.z_lr), cfg.poly.z_steps, cfg.seed)
+  p, _ = ctx[key](flat, sh, _batches(ctx, task, cfg.seed + 9000))
+  return p
+
+
+def routing_baselines_eval(params):
+  from mtjax.methods import routing_baselines as rb  # pylint: disable=g-import-not-at-top
+  return rb.poly_eval_params(params, None)
+
+
+def _size_mb(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+
+def _json_default(x):
+  if isinstance(x, (np.ndarray, jnp.ndarray)):
+    return np.asarray(x).tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return str(x)
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "configs/phatgoose.py")
+  flags.DEFINE_string("workdir", None, "output folder")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -80,7 +80,9 @@ class PromptTuning:
     if length < 0:
       raise ValueError(f"prompt length must be >= 0, got {length}")
     self.length, self.init_kind, self.sample_vocab = int(length), init, sample_vocab
-    self.label_ids, self.init_from = tuple(label_ids), init_from
+    self.label_ids = tuple(label_ids)
+    self.init_from = None if isinstance(init_from, str) and not init_from \
+        else init_from
     self.embedding, self.scope = embedding, scope
     self.num_experts, self.placeholder_id = int(num_experts), placeholder_id
 

@@ -515,3 +515,25 @@ def load(directory, task):
   with open(os.path.join(path, "soft_injection.json")) as f:
     meta = json.load(f)
   return tensors["embedding"], tensors.get("alpha_logits"), meta
+
+
+# ------------------------------------------------------------------- job --
+
+
+def run(config, workdir):
+  """The configs/soft_injection.py job (see there); returns the results dict."""
+  from mtjax.evaluation import soft_injection_analysis  # pylint: disable=g-import-not-at-top
+  return soft_injection_analysis.run_experiment(config, workdir)
+
+
+def _main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  cfg = config_flags.DEFINE_config_file("config", None, "configs/soft_injection.py")
+  wd = flags.DEFINE_string("workdir", None, "output folder")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(lambda argv: run(cfg.value, wd.value))
+
+
+if __name__ == "__main__":
+  _main()

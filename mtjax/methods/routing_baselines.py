@@ -1,0 +1,208 @@
+"""Baselines for routing among specialised experts, on the PHATGOOSE machinery.
+
+All but Poly/MHR reuse one stacked LoRA library and `phatgoose.RoutedLoRA`:
+  oracle      the task's own expert (held-in); on held-out tasks the best
+              single expert measured on the evaluation set (an upper bound
+              that looks at labels) -- `one_hot`.
+  uniform     the mean of all experts' updates (the averaged delta W).
+  merged      the mean of the LoRA parameters (A and B averaged separately),
+              "Merged Experts" in Muqeeth et al. 2024.
+  arrow       Arrow routing (Ostapenko et al. 2024, "Towards Modular LLMs by
+              Building and Reusing a Library of LoRAs", arXiv:2405.11157):
+              per token, |<x, u_e>| with u_e the top singular vector of expert
+              e's update, softmax over the top k.
+  task_gate   task-level gating: PHATGOOSE's per-token routing probabilities
+              averaged over all tokens of a task's inputs, then one fixed top-k
+              mixture per module for the whole task (`task_level_weights`).
+  retrieval   per-example retrieval by example centroid (after Jang et al.
+              2023, "Exploring the Benefits of Training Expert Language Models
+              over Instruction Tuning", arXiv:2302.03202): the base model's
+              mean-pooled encoder state of the example is compared (cosine) to
+              each expert's centroid over its training inputs; the nearest
+              expert is used (`RetrievalRouting`).
+  multitask   one LoRA trained on the mixture of all held-in tasks (plain
+              mtjax.methods.lora.LoRA).
+Poly and MHR (Ponti et al. 2023, "Combining Parameter-efficient Modules for
+Task-level Generalisation", arXiv:2202.13914; Caccia et al. 2023, "Multi-Head
+Adapter Routing for Cross-Task Generalization", arXiv:2211.03831) train their
+own inventory of S LoRA skills jointly with a task-by-skill allocation
+(`PolyLoRA`, heads=1 is Poly, heads>1 is MHR). Zero-shot on a new task:
+MHR-mu averages the skills uniformly; MHR-z fits only the new task's allocation
+logits on a few of its training examples (uses target-task data, so it is
+few-shot, not zero-shot).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax.methods import phatgoose, transform
+
+
+def one_hot(index, num_experts):
+  return jnp.zeros((num_experts,), jnp.float32).at[index].set(1.0)
+
+
+def task_level_weights(records, inputs, num_experts, top_k):
+  """{path: (E,)} fixed weights: mean routing load of the task, top k kept.
+
+  records: per-module PHATGOOSE routing of the task's inputs (a list of
+  record dicts, one per batch, with the inputs they came from).
+  """
+  sums = {}
+  for rec, inp in zip(records, inputs):
+    for path, row in phatgoose.summarize_records(rec, inp, num_experts).items():
+      sums[path] = sums.get(path, 0.0) + row["load"] * row["tokens"]
+  out = {}
+  for path, load in sums.items():
+    keep = np.argsort(-load)[:top_k]
+    w = np.zeros(num_experts, np.float32)
+    w[keep] = load[keep] / max(load[keep].sum(), 1e-9)
+    out[path] = w
+  return out
+
+
+# ---------------------------------------------------------------- retrieval
+
+def example_embedding(model, base, inputs):
+  """Mean-pooled base representation of each example's inputs: (B, d).
+
+  Encoder-decoder models: the encoder's output; decoder-only: the token
+  embeddings (the model exposes no hidden-state API).
+  """
+  ids = inputs["input_ids"]
+  mask = inputs.get("attention_mask")
+  mask = (ids != model.config.pad_token_id) if mask is None else mask > 0
+  mask = mask.astype(jnp.float32)
+  if model.config.is_encoder_decoder:
+    h = model.apply({"params": base}, ids, mask.astype(jnp.int32),
+                    method="encode")
+  else:
+    table = [v for k, v in transform.flatten(base).items()
+             if k.endswith("embedding")][0]
+    h = jnp.take(table, ids, axis=0)
+  h = h.astype(jnp.float32)
+  return (h * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1), 1.0)[:, None]
+
+
+class RetrievalRouting(phatgoose.RoutedLoRA):
+  """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}."""
+  name = "retrieval"
+
+  def __init__(self, lora, impl="auto"):
+    super().__init__(lora, "fixed", top_k=1, impl=impl)
+
+  def choose(self, model, params, inputs):
+    emb = example_embedding(model, params["base"], inputs)
+    cen = params["retrieval"]["centroids"]
+    cos = (emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-9)) @ (
+        cen / jnp.linalg.norm(cen, axis=-1, keepdims=True).clip(1e-9)).T
+    return jax.nn.one_hot(jnp.argmax(cos, -1), cen.shape[0])
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None, records=None):
+    inputs = dict(inputs, expert_weights=self.choose(model, params, inputs))
+    return super().apply(model, params, inputs, rng=rng,
+                         deterministic=deterministic, method=method,
+                         records=records)
+
+
+def centroids(model, base, batches):
+  """(E, d) centroid per expert from lists of model-input batches."""
+  fn = jax.jit(lambda b, inp: example_embedding(model, b, inp).sum(0))
+  out = []
+  for expert_batches in batches:
+    tot, n = 0.0, 0
+    for inp in expert_batches:
+      tot = tot + fn(base, inp)
+      n += inp["input_ids"].shape[0]
+    out.append(tot / max(n, 1))
+  return jnp.stack(out)
+
+
+# ----------------------------------------------------------------- Poly/MHR
+
+class PolyLoRA:
+  """Poly (heads=1) / MHR (heads>1): per-task mixtures of S LoRA skills.
+
+  params: {'skills': {path: {'lora_a': (S, d, r), 'lora_b': (S, r, o)}},
+           'alloc': {path: {'logits': (T, S, H)}},
+           'alloc_eval': {path: {'logits': (S, H)}}}
+  A row's task comes from inputs['adapter_index'] (training); without it
+  'alloc_eval' is used (evaluation: set it to a task's row, to zeros for
+  MHR-mu's uniform average, or fit it for MHR-z). Mixture weights are
+  sigmoid(logits) normalised over skills (Poly's deterministic relaxation).
+  Head h mixes rows h*d/H.. of A and columns h*o/H.. of B separately.
+  """
+  trainable = r"(skills|alloc)/.*"
+  name = "poly"
+
+  def __init__(self, lora, num_tasks, num_skills=4, heads=1):
+    self.lora, self.num_tasks = lora, int(num_tasks)
+    self.num_skills, self.heads = int(num_skills), int(heads)
+
+  def init(self, rng, model, base_params=None):
+    del base_params
+    skills = nn.unbox(type(self.lora)(
+        rank=self.lora.rank, alpha=self.lora.alpha, targets=self.lora.targets,
+        num_experts=self.num_skills).init(rng, model))["lora"]
+    # Poly initialises B at zero like LoRA; mixtures of zero are zero, so
+    # skills start identical in effect and diverge through the allocation.
+    flat = transform.flatten(skills)
+    targets = transform.linear_modules(transform.abstract_params(model))
+    alloc, alloc_eval, sk = {}, {}, {}
+    for path, x in flat.items():
+      mod, leaf = path.rsplit("/", 1)
+      t = targets[mod]
+      for h_dim in (t.shape[0], t.shape[1]):
+        if h_dim % self.heads:
+          raise ValueError(f"{mod}: dim {h_dim} not divisible by MHR heads "
+                           f"{self.heads}")
+      sk[path] = transform.boxed(x, phatgoose.LOGICAL[leaf](t))
+      alloc[mod + "/logits"] = jnp.zeros(
+          (self.num_tasks, self.num_skills, self.heads))
+      alloc_eval[mod + "/logits"] = jnp.zeros((self.num_skills, self.heads))
+    return {"skills": transform.nest(sk), "alloc": transform.nest(alloc),
+            "alloc_eval": transform.nest(alloc_eval)}
+
+  def _mix(self, x, heads_w):
+    """x (S, n, m) mixed along S per head over axis `n` -> (B, n, m)."""
+    s, n, m = x.shape
+    xh = x.reshape(s, self.heads, n // self.heads, m)
+    return jnp.einsum("bsh,shnm->bhnm", heads_w, xh).reshape(-1, n, m)
+
+  def hook(self, next_fun, x, leaf, ctx, task):
+    y = next_fun(x)
+    logits = leaf["logits"]
+    if logits.ndim == 3:
+      logits = logits[task]                           # (B, S, H)
+    else:
+      logits = jnp.broadcast_to(logits, (x.shape[0],) + logits.shape)
+    w = jax.nn.sigmoid(logits)
+    w = w / w.sum(1, keepdims=True)
+    dtype = ctx.module.dtype
+    a = self._mix(leaf["lora_a"], w).astype(dtype)              # (B, d, r)
+    bt = jnp.swapaxes(leaf["lora_b"], 1, 2)                      # (S, o, r)
+    b = jnp.swapaxes(self._mix(bt, w), 1, 2).astype(dtype)      # (B, r, o)
+    h = x.astype(dtype).reshape(x.shape[0], -1, x.shape[-1])
+    delta = jnp.einsum("bnr,bro->bno", jnp.einsum("bnd,bdr->bnr", h, a), b)
+    return y + (delta.reshape(y.shape) * self.lora.scale).astype(y.dtype)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None):
+    task = inputs.get("adapter_index")
+    inputs = transform.model_kwargs(inputs)
+    alloc = params["alloc"] if task is not None else params["alloc_eval"]
+    tree = phatgoose.merge_leaves(params["skills"], alloc)
+    icpt = transform.linear_interceptor(
+        tree, lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task),
+        None, rng, deterministic)
+    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
+                         deterministic=deterministic, method=method)
+
+
+def poly_eval_params(params, task=None):
+  """params with 'alloc_eval' = a trained task's row, or zeros (MHR-mu)."""
+  def row(x):
+    return x[task] if task is not None else jnp.zeros_like(x[0])
+  return dict(params, alloc_eval=jax.tree.map(row, params["alloc"]))
