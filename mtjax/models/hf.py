@@ -105,7 +105,8 @@ def params_from_tensors(tensors, model, path_hint="checkpoint"):
         value = value.T
     if tuple(value.shape) != tuple(leaf.shape):
       raise ValueError(
-          f"{path_hint}: tensor {hf_name!r} has shape {tuple(value.shape)}, "
+          f"{path_hint}: tensor {hf_name!r} has shape "
+          f"{_hf_shape(keys, value.shape)}, "
           f"expected {_hf_shape(keys, leaf.shape)} for parameter "
           f"{'/'.join(keys)} (config.json and weights disagree?)")
     return np.asarray(value, dtype=np.float32)
