@@ -373,8 +373,13 @@ def plot_routing(loads_by_task, expert_names, path, title="PHATGOOSE routing"):
 # run(config, workdir): base -> one LoRA expert per held-in task -> gates ->
 # every method on held-in and held-out tasks (configs/phatgoose.py).
 
+_T0 = [None]
+
+
 def _log(msg):
-  print(msg, flush=True)
+  import time  # pylint: disable=g-import-not-at-top
+  _T0[0] = _T0[0] or time.time()
+  print(f"[{time.time() - _T0[0]:6.0f}s] {msg}", flush=True)
 
 
 class _Fitter:

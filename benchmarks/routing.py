@@ -1,0 +1,131 @@
+r"""Forward time of a PHATGOOSE-routed T5 versus its base model.
+
+T5-small sized model (d_model 512, d_ff 2048, 8 heads, 6+6 layers, vocab
+32128) with a rank-16 LoRA expert on every encoder and decoder linear layer
+(96 modules). For each number of experts E and top-k it times one jitted
+forward (median of --reps runs after a warm-up) of
+  base    the model alone,
+  routed  per-token PHATGOOSE top-k routing with sort-and-segment application
+          (routing.apply_experts, impl 'auto': 'blocked' on CPU),
+  dense   the all-experts reference (impl 'dense'), skipped when its
+          (tokens, E, d_out) intermediate exceeds --dense_max_gb,
+and prints one table with routed/base and dense/base, plus the library size.
+
+  python benchmarks/routing.py                       # E 8,64,256,1024; k 1,2
+  python benchmarks/routing.py --experts=8,64 --batch=2
+"""
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax.methods import lora as lora_lib
+from mtjax.methods import phatgoose as pg
+from mtjax.methods import transform
+from mtjax.models import t5
+
+T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
+                num_layers=6, num_heads=8, dropout_rate=0.0,
+                feed_forward_proj="relu", tie_word_embeddings=True)
+
+
+def random_library(model, lora, num_e, dtype, seed=0):
+  """Stacked {path: lora_a, lora_b, gate} with random (trained-looking) values."""
+  targets = lora._targets(model)   # pylint: disable=protected-access
+  out = {}
+  for i, (path, t) in enumerate(sorted(targets.items())):
+    d, o = t.shape
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    ka, kb, kg = jax.random.split(key, 3)
+    make = jax.jit(lambda k, shape, s: (jax.random.normal(k, shape) * s
+                                        ).astype(dtype), static_argnums=(1,))
+    out[path] = {"lora_a": make(ka, (num_e, d, lora.rank), d ** -0.5),
+                 "lora_b": make(kb, (num_e, lora.rank, o), 0.02),
+                 "gate": make(kg, (num_e, d), 1.0)}
+  return transform.nest(out)
+
+
+def time_fn(fn, args, reps):
+  jax.block_until_ready(fn(*args))            # compile + warm-up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--experts", default="8,64,256,1024")
+  ap.add_argument("--k", default="1,2")
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--inputs_length", type=int, default=128)
+  ap.add_argument("--targets_length", type=int, default=32)
+  ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--expert_dtype", default="float32",
+                  help="storage dtype of expert factors (float32|bfloat16)")
+  ap.add_argument("--bf16_from", type=int, default=1024,
+                  help="store experts in bfloat16 from this E on (memory)")
+  ap.add_argument("--dense_max_gb", type=float, default=1.0)
+  ap.add_argument("--impl", default="auto")
+  args = ap.parse_args()
+
+  model = t5.Model(t5.T5Config(**T5_SMALL))
+  rs = np.random.RandomState(0)
+  inputs = dict(
+      input_ids=rs.randint(2, 32000, (args.batch, args.inputs_length)
+                           ).astype(np.int32),
+      decoder_input_ids=rs.randint(2, 32000, (args.batch, args.targets_length)
+                                   ).astype(np.int32))
+  base = jax.jit(lambda r: nn.unbox(model.init(r, **inputs)["params"]))(
+      jax.random.key(0))
+  lora = lora_lib.LoRA(rank=args.rank, alpha=float(args.rank),
+                       targets=(r"(encoder|decoder)/.*",))
+  num_mod = len(lora._targets(model))   # pylint: disable=protected-access
+  tokens = args.batch * (args.inputs_length + args.targets_length)
+  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+        f"T5-small, {num_mod} adapted modules, rank {args.rank}, batch "
+        f"{args.batch} x ({args.inputs_length} enc + {args.targets_length} dec)"
+        f" = {tokens} tokens")
+  base_fn = jax.jit(lambda p, i: model.apply({"params": p}, **i))
+  t_base = time_fn(base_fn, (base, inputs), args.reps)
+  print(f"base forward: {t_base * 1e3:.1f} ms")
+  rows = []
+  for num_e in [int(x) for x in args.experts.split(",")]:
+    dtype = jnp.bfloat16 if (args.expert_dtype == "bfloat16"
+                             or num_e >= args.bf16_from) else jnp.float32
+    stacked = random_library(model, lora, num_e, dtype)
+    size_gb = pg._size_mb(stacked) / 1024   # pylint: disable=protected-access
+    params = pg.routed_params(base, stacked, "phatgoose")
+    for k in [int(x) for x in args.k.split(",")]:
+      routed = pg.RoutedLoRA(lora, "phatgoose", top_k=k, impl=args.impl)
+      fn = jax.jit(lambda p, i, m=routed: m.apply(model, p, i))
+      t_routed = time_fn(fn, (params, inputs), args.reps)
+      # dense intermediate: tokens x E x d_out (largest d_out: d_ff)
+      dense_gb = tokens * num_e * T5_SMALL["d_ff"] * 4 / 2**30
+      if dense_gb <= args.dense_max_gb:
+        dense = pg.RoutedLoRA(lora, "phatgoose", top_k=k, impl="dense")
+        dfn = jax.jit(lambda p, i, m=dense: m.apply(model, p, i))
+        t_dense = time_fn(dfn, (params, inputs), args.reps)
+        dense_txt = f"{t_dense * 1e3:9.1f} {t_dense / t_base:7.2f}"
+      else:
+        dense_txt = f"  skipped ({dense_gb:.1f} GB/module)"
+      rows.append(f"{num_e:5d} {k:2d} {jnp.dtype(dtype).name:>9} "
+                  f"{size_gb:8.2f} {t_routed * 1e3:9.1f} "
+                  f"{t_routed / t_base:7.2f}   {dense_txt}")
+      print(rows[-1], flush=True)
+    del stacked, params
+  print("\n    E  k   experts  lib_GB routed_ms routed/base  dense_ms "
+        "dense/base")
+  print("\n".join(rows))
+  print(f"(base {t_base * 1e3:.1f} ms; lib_GB = all expert factors + gates)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,178 @@
+"""Routing core (mtjax.methods.routing) and RoutedLoRA on a tiny T5."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtjax.methods import lora as lora_lib
+from mtjax.methods import phatgoose as pg
+from mtjax.methods import routing
+from mtjax.models import sharding, t5
+
+
+def _rand(seed, num_e, n=40, d=24, r=4, o=20):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (num_e, d, r)),
+          jax.random.normal(ks[2], (num_e, r, o)),
+          jax.random.normal(ks[3], (num_e, d)))
+
+
+@pytest.mark.parametrize("num_e", [4, 64])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("impl,block", [("blocked", None), ("blocked", 1),
+                                        ("blocked", 8), ("ragged", None)])
+def test_grouped_equals_dense(num_e, k, impl, block):
+  h, a, b, gates = _rand(num_e * 10 + k, num_e)
+  idx, w = routing.top_k(routing.phatgoose_logits(h, gates), k)
+  ref = routing.apply_dense(h, a, b, idx, w)
+  out = jax.jit(lambda *x: routing.apply_experts(*x, impl=impl, block=block))(
+      h, a, b, idx, w)
+  err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+  assert err < 1e-5, (impl, block, err)
+
+
+def test_equal_gates_give_uniform_top_k_weights():
+  h, _, _, _ = _rand(0, 4)
+  gates = jnp.tile(jax.random.normal(jax.random.key(1), (1, 24)), (6, 1))
+  for k in (1, 2, 3):
+    _, w = routing.top_k(routing.phatgoose_logits(h, gates), k)
+    np.testing.assert_allclose(np.asarray(w), 1.0 / k, rtol=1e-6)
+  # zero-initialised gates (before training) also route uniformly
+  _, w = routing.top_k(routing.phatgoose_logits(h, jnp.zeros((6, 24))), 2)
+  np.testing.assert_allclose(np.asarray(w), 0.5, rtol=1e-6)
+
+
+def test_phatgoose_scores_are_layer_normed_dot_over_sqrt_d():
+  h, _, _, gates = _rand(3, 5)
+  def ln(x):
+    x = np.asarray(x, np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True)
+                                                     + 1e-5)
+  want = ln(h) @ ln(gates).T / np.sqrt(h.shape[-1])
+  np.testing.assert_allclose(np.asarray(routing.phatgoose_logits(h, gates)),
+                             want, rtol=1e-4, atol=1e-5)
+
+
+def test_arrow_prototype_is_top_singular_vector():
+  _, a, b, _ = _rand(5, 3)
+  protos = np.asarray(routing.arrow_prototypes(a, b))
+  for e in range(3):
+    u = np.linalg.svd(np.asarray(a[e] @ b[e]))[0][:, 0]
+    assert abs(abs(u @ protos[e]) - 1) < 1e-4
+
+
+def test_top_k_larger_than_experts_is_a_clear_error():
+  with pytest.raises(ValueError, match="exceeds"):
+    routing.top_k(jnp.zeros((3, 2)), 3)
+
+
+# ----------------------------------------------------------- tiny T5 model
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                    num_heads=4, dropout_rate=0.0)
+  model = t5.Model(cfg)
+  rs = np.random.RandomState(0)
+  inputs = dict(input_ids=rs.randint(2, 64, (4, 7)).astype(np.int32),
+                decoder_input_ids=rs.randint(2, 64, (4, 5)).astype(np.int32))
+  base = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+  lora = lora_lib.LoRA(rank=4, alpha=8.0, targets=(r"(encoder|decoder)/.*",))
+  return model, base, lora, inputs
+
+
+def _library(model, lora, num_e):
+  lib = pg.new_library()
+  gate_shapes = nn.unbox(pg.GateTraining(lora).init_gates(model))
+  for e in range(num_e):
+    tree = nn.unbox(lora.init(jax.random.key(e + 1), model))["lora"]
+    # trained-looking experts: B is non-zero
+    tree = jax.tree.map(lambda x, e=e: x + 0.2 * jax.random.normal(
+        jax.random.key(100 + e), x.shape), tree)
+    gates = jax.tree.map(lambda x, e=e: jax.random.normal(
+        jax.random.key(200 + e), x.shape), gate_shapes)
+    lib = pg.add_expert(lib, f"task{e}", tree, gates)
+  return lib
+
+
+def test_one_expert_top1_equals_that_expert(tiny):
+  model, base, lora, inputs = tiny
+  lib = _library(model, lora, 1)
+  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=1)
+  params = pg.routed_params(base, pg.stack_library(lib), "phatgoose")
+  out = jax.jit(lambda p: routed.apply(model, p, inputs))(params)
+  ref = jax.jit(lambda p: lora.apply(model, p, inputs))(
+      {"base": base, "lora": lib["experts"][0]["lora"]})
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_fixed_and_per_example_weights_select_experts(tiny):
+  model, base, lora, inputs = tiny
+  lib = _library(model, lora, 3)
+  stacked = pg.stack_library(lib)
+  routed = pg.RoutedLoRA(lora, "fixed", top_k=1)
+  params = pg.routed_params(base, stacked, "fixed",
+                            weights=np.array([0., 1., 0.]))
+  per_ex = jnp.eye(3)[jnp.array([2, 1, 0, 2])]
+  out = jax.jit(lambda p, w: routed.apply(
+      model, p, dict(inputs, expert_weights=w)))(params, per_ex)
+  single = jax.jit(lambda p: lora.apply(model, p, inputs))
+  for row, e in enumerate([2, 1, 0, 2]):
+    ref = single({"base": base, "lora": lib["experts"][e]["lora"]})
+    np.testing.assert_allclose(np.asarray(out[row]), np.asarray(ref[row]),
+                               atol=1e-5)
+
+
+def test_routed_model_blocked_equals_dense(tiny):
+  model, base, lora, inputs = tiny
+  stacked = pg.stack_library(_library(model, lora, 6))
+  params = pg.routed_params(base, stacked, "phatgoose")
+  outs = [jax.jit(lambda p, m=pg.RoutedLoRA(lora, "phatgoose", 2, impl):
+                  m.apply(model, p, inputs))(params)
+          for impl in ("blocked", "ragged", "dense")]
+  np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[2]),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[2]),
+                             atol=1e-5)
+
+
+def test_sharded_routing_over_8_devices_equals_unsharded(tiny):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices: see tests/conftest.py XLA_FLAGS")
+  model, base, lora, inputs = tiny
+  stacked = pg.stack_library(_library(model, lora, 8))
+  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=2)
+  fn = jax.jit(lambda p: routed.apply(model, p, inputs))
+  want = fn(pg.routed_params(base, stacked, "phatgoose"))
+  mesh = pg.expert_mesh(8)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "experts": 8}
+  sharded = pg.shard_experts(stacked, model, mesh)
+  a = next(v for k, v in
+           __import__("mtjax.methods.transform", fromlist=["x"]).flatten(
+               sharded).items() if k.endswith("lora_a"))
+  assert a.sharding.spec[0] == "experts"      # 1 expert per device
+  assert a.addressable_shards[0].data.shape[0] == 1
+  with sharding.use_mesh(mesh):
+    got = fn(pg.routed_params(base, sharded, "phatgoose"))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_records_and_diagnostics(tiny):
+  model, base, lora, inputs = tiny
+  stacked = pg.stack_library(_library(model, lora, 5))
+  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=2)
+  params = pg.routed_params(base, stacked, "phatgoose")
+
+  def fn(p):
+    rec = {}
+    routed.apply(model, p, inputs, records=rec)
+    return rec
+  rec = jax.device_get(jax.jit(fn)(params))
+  assert len(rec) == 2 * 4 + 2 * 8 + 4 * 2   # attn q,k,v,o (+cross), wi, wo
+  summ = pg.summarize_records(rec, inputs, 5, own_expert=0)
+  for row in summ.values():
+    assert abs(row["load"].sum() - 1) < 1e-6
+    assert 0 <= row["entropy"] <= np.log(5) + 1e-6
+  ent = pg.by_layer(summ, "entropy")
+  assert list(ent) == ["dec0", "dec1", "enc0", "enc1"]
