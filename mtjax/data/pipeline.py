@@ -6,7 +6,8 @@ the first start_step batches (`Dataset.skip`) reproduces the uninterrupted
 order exactly, at the cost of re-running their preprocessing once. This needs
 no iterator state in checkpoints; the step number is enough.
 """
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+import re
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -140,8 +141,13 @@ class Batches:
 
 def _too_long_message(message):
   detail = message.split("TooLongExample", 1)[1].split("\n\t [[", 1)[0]
-  return ("example longer than the sequence length (train_batches("
-          "on_too_long='error')):" + detail + " -- raise feature_lengths or "
+  parts = re.findall(r"\[([^\[\]]*)\]", detail)
+  if len(parts) >= 11:  # the fields _check_lengths asserts with
+    detail = (f" task {parts[0]}: inputs {parts[2]} tokens (limit {parts[4]}),"
+              f" targets {parts[6]} tokens (limit {parts[8]}) incl. EOS;"
+              f" example inputs: {parts[10]!r}")
+  return ("example longer than the sequence length with train_batches("
+          "on_too_long='error'):" + detail + " -- raise feature_lengths or "
           "use on_too_long='truncate' (seqio's default: trim, keep EOS)")
 
 
@@ -151,9 +157,8 @@ def _check_lengths(lengths, id_to_name):
     ok = tf.logical_and(ex["inputs_length"] <= lengths["inputs"],
                         ex["targets_length"] <= lengths["targets"])
     check = tf.debugging.Assert(ok, [
-        "TooLongExample task", name, "inputs tokens (with EOS)",
-        ex["inputs_length"], "limit", lengths["inputs"],
-        "targets tokens (with EOS)", ex["targets_length"], "limit",
+        "TooLongExample task", name, "inputs", ex["inputs_length"], "limit",
+        lengths["inputs"], "targets", ex["targets_length"], "limit",
         lengths["targets"], "inputs:", ex["inputs_pretokenized"]],
                                 summarize=-1)
     with tf.control_dependencies([check]):

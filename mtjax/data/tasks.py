@@ -54,12 +54,12 @@ class BadRowError(ValueError):
 
 
 def accuracy(targets: Sequence[str], predictions: Sequence[str]):
-  """Exact match in percent (whitespace-stripped), seqio metric signature."""
+  """Exact-match fraction in [0, 1] (whitespace-stripped); seqio signature."""
   if len(targets) != len(predictions):
     raise ValueError(f"{len(targets)} targets but {len(predictions)} "
                      "predictions")
   hits = [str(t).strip() == str(p).strip() for t, p in zip(targets, predictions)]
-  return {"accuracy": 100.0 * float(np.mean(hits)) if hits else float("nan")}
+  return {"accuracy": float(np.mean(hits)) if hits else float("nan")}
 
 
 # ------------------------------------------------------------------ readers
@@ -247,12 +247,13 @@ class FileTask:
                  self.on_bad_row, self.on_empty_target))
 
 
-def render(task: FileTask, split: str):
+def render(task: FileTask, split: str, max_rows: Optional[int] = None):
   """(examples, skipped Counter) for split; examples are suite-style dicts."""
   path = dict(task.files)[split]
   skipped = collections.Counter()
   examples = []
-  for line, row in READERS[task.reader](path, task.on_bad_row, skipped):
+  rows = READERS[task.reader](path, task.on_bad_row, skipped)
+  for line, row in rows[:max_rows]:
     where = f"{path}:{line}"
     try:
       fields = task.adapt(row)
@@ -407,14 +408,37 @@ def register_file_task(task: FileTask, vocab) -> str:
   return name
 
 
+class TfdsSource(seqio.TfdsDataSource):
+  """seqio.TfdsDataSource that tolerates missing split metadata.
+
+  Under tfds.testing.mock_data (and for builders without generated
+  dataset_info) split sizes and files are unknown; seqio asks for them only
+  to decide on in-memory caching and on where to shard, so unknown means
+  'do not cache' and 'shard the examples' rather than a crash.
+  """
+
+  def num_input_examples(self, split):
+    try:
+      return super().num_input_examples(split)
+    except KeyError:
+      return None
+
+  def list_shards(self, split):
+    try:
+      return super().list_shards(split)
+    except KeyError:  # unknown files: one shard, seqio shards the examples
+      return [split]
+
+
 def register_tfds_task(plain: str, tfds_name: str, vocab,
                        to_text: Callable[[dict], dict],
                        answer_choices: Sequence[str] = (),
-                       splits=None, tfds_data_dir=None) -> str:
+                       splits=("train", "test"), tfds_data_dir=None) -> str:
   """A Task over a tensorflow-datasets dataset via seqio.TfdsDataSource.
 
   to_text(tf example) -> {'inputs': tf.string, 'targets': tf.string} (tf ops);
   answer_choices, when given, are fixed for every example (classification).
+  splits: the tfds splits the task offers (seqio cannot list them offline).
   """
   choices = tf.constant(list(answer_choices), tf.string) if answer_choices \
       else tf.zeros([0], tf.string)
@@ -431,7 +455,7 @@ def register_tfds_task(plain: str, tfds_name: str, vocab,
                   answer_choices=choices, label=label)
     return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
-  source = seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits,
+  source = TfdsSource(tfds_name=tfds_name, splits=list(splits),
                                 tfds_data_dir=tfds_data_dir)
   name = seqio_name(vocab, plain)
   add_task(name, plain, source, vocab, extra_preprocessors=[to_example])
@@ -570,12 +594,13 @@ def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
   return out
 
 
-def register(vocab, data_dir=None, suite_seed: int = 0, cap: int = 3000):
-  """Registers suite + real tasks + mixtures for vocab; see mtjax.data."""
+def register(vocab, data_dir=None, cap: int = 3000):
+  """Registers suite (seed 0) + real tasks + mixtures for vocab (idempotent).
+
+  Mixtures 'held_in', 'held_out', 'suite' mix examples-proportionally with
+  rates min(train size, cap) (T0/xP3 style).
+  """
   from mtjax import data as api  # pylint: disable=g-import-not-at-top
-  if suite_seed:
-    raise NotImplementedError("the registered suite uses seed 0; use "
-                              "suite.examples(..., seed=s) for others")
   data_dir = pathlib.Path(data_dir) if data_dir else api.default_data_dir()
   names = {}
   for plain in suite.TASKS:
