@@ -1,0 +1,38 @@
+r"""A seconds-long training run for multi-process tests (tests/test_multihost.py).
+
+configs/quickstart.py shrunk: a one-layer byte-level T5 (d_model 32), global
+batch 16, 12 steps, a checkpoint every 3 steps, no evaluation. Run it as
+2 processes x 4 fake CPU devices, or as 1 x 8:
+
+  python launch/local.py --num_processes=2 --devices_per_process=4 -- \
+      python -m mtjax.main --config=configs/multihost_tiny.py --workdir=/tmp/mh2
+"""
+import importlib.util
+import os
+
+
+def _quickstart():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "quickstart.py")
+  spec = importlib.util.spec_from_file_location("_mtjax_quickstart", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  c = _quickstart()
+  c.model.update(hf_path="", arch="t5", dtype="float32", vocab_size=259,
+                 d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1,
+                 num_decoder_layers=1, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False, dropout_rate=0.0)
+  c.data.update(inputs_length=32, targets_length=8)
+  c.batch_size = 16
+  c.num_train_steps = 12
+  c.optimizer.update(learning_rate=1e-2, warmup_steps=2)
+  c.mesh_shape = (-1, 1, 1)
+  c.log_every = 1
+  c.checkpoint_every = 3
+  c.keep_checkpoints = 10
+  c.eval.update(groups=(), max_examples=8, batch_size=16, max_new_tokens=4)
+  return c
