@@ -532,7 +532,7 @@ def _main():
   cfg = config_flags.DEFINE_config_file("config", None, "configs/soft_injection.py")
   wd = flags.DEFINE_string("workdir", None, "output folder")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: run(cfg.value, wd.value))
+  app.run(lambda argv: run(cfg.value, wd.value) and None)
 
 
 if __name__ == "__main__":
