@@ -165,3 +165,49 @@ def test_sharded_under_mesh_like_the_base():
   want = jitted(method, model)(jax.device_get({"base": base, **params}),
                                jax.device_get(inputs))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_trainer_updates_only_lora_and_keeps_no_base_optimizer_state(tmp_path):
+  """Through mtjax.training: base bit-identical, Adam moments only for LoRA."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.training import train, trainer  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs/lora_expert.py"
+  spec = importlib.util.spec_from_file_location("lora_expert", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  with c.unlocked():
+    c.model.update(d_model=32, d_kv=8, d_ff=64, num_heads=4)
+    c.batch_size = 8
+    c.data.mixture = "parity"
+  s = train.setup(c, str(tmp_path))
+  frozen_before = jax.tree.map(np.array, s["frozen"])
+  lora_before = jax.tree.map(np.array, s["state"]["params"])
+  assert all(k.startswith("lora/") for k in lora_before)
+  assert all(k.startswith("base/") for k in frozen_before)
+  vocab = data.vocabulary("byte")
+  reg = data.register(vocab)
+  batches = data.train_batches(reg.seqio_name("parity"), vocab,
+                               {"inputs": 64, "targets": 16}, 8,
+                               trainer.model_kind(s["model"]), seed=0)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(s["method"], s["model"], s["tx"], 1),
+      s["state_sh"], s["frozen_sh"], s["mesh"])
+  state = s["state"]
+  with sharding.use_mesh(s["mesh"]):
+    for _ in range(2):
+      state, metrics = step(state, s["frozen"],
+                            trainer.put_batch(next(batches), s["mesh"]))
+  assert np.isfinite(float(metrics["loss"]))
+  for k, v in s["frozen"].items():
+    np.testing.assert_array_equal(np.asarray(v), frozen_before[k])
+  changed = [k for k, v in state["params"].items()
+             if not np.array_equal(np.asarray(v), lora_before[k])]
+  assert any(k.endswith("lora_b") for k in changed)
+  n_lora = sum(v.size for v in lora_before.values())
+  moments = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(
+      state["opt_state"])[0] if np.ndim(x) > 0]
+  assert all(str(p[-1].key).startswith("lora/") for p, _ in moments)
+  assert sum(x.size for _, x in moments) == 2 * n_lora  # Adam mu and nu

@@ -51,7 +51,7 @@ class IA3:
   def init(self, rng, model, base_params=None):
     del rng, base_params  # (IA)3 vectors start at one
     lead = (self.num_experts,) if self.num_experts else ()
-    lead_axes = ("experts",) if self.num_experts else ()
+    lead_axes = ("adapters",) if self.num_experts else ()
     out, ff = self._targets(model)
     flat = {}
     for path, t in out.items():

@@ -299,9 +299,16 @@ def save_adapter(folder, params, method_config=None):
 
 def load_adapter(path, model=None):
   """Method params {'lora': ...} from an orbax adapter checkpoint, an expert
-  folder, a PEFT folder (needs `model`), or a trainer workdir (latest step)."""
+  folder, a PEFT folder (needs `model`), or a trainer workdir (latest step).
+
+  Host numpy arrays; safe to call while a method's init is being traced.
+  """
+  with jax.ensure_compile_time_eval():
+    return jax.tree.map(np.asarray, _load_adapter(os.path.abspath(path), model))
+
+
+def _load_adapter(path, model):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
   if os.path.exists(os.path.join(path, EXPERT_JSON)):
     return Expert(os.path.basename(path), path, {}).params()
   if os.path.exists(os.path.join(path, "adapter_config.json")):

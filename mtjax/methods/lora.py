@@ -8,8 +8,9 @@ A is kaiming-uniform (PEFT's default: bound = 1/sqrt(in)) or normal(1/r)
 Params: {'lora': nested-by-module-path {'lora_a': (in, r), 'lora_b': (r, out)}},
 logical axes (in_axis, 'rank') and ('rank', out_axis) of the target kernel.
 A library of E adapters stacks them as (E, in, r) / (E, r, out) with a leading
-'experts' axis; inputs['adapter_index'] (B,) picks one per example and the
-update is a gathered, batched einsum (no Python loop over adapters).
+'adapters' axis (not in sharding.RULES, so replicated); inputs['adapter_index']
+(B,) picks one per example and the update is a gathered, batched einsum (no
+Python loop over adapters).
 
 Config (ml_collections or dict): rank=8, alpha=16, dropout=0.0,
 targets=(regexes over module paths, e.g. '.*self_attn/(q_proj|v_proj)'),
@@ -63,7 +64,7 @@ class LoRA:
     loaded = self._load(model) if self.init_from else None
     rng = jax.random.key(0) if rng is None else rng   # unused when loaded
     lead = (self.num_experts,) if self.num_experts else ()
-    lead_axes = ("experts",) if self.num_experts else ()
+    lead_axes = ("adapters",) if self.num_experts else ()
     flat = {}
     for i, (path, t) in enumerate(sorted(self._targets(model).items())):
       d_in, d_out = t.shape

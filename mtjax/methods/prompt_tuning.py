@@ -114,7 +114,7 @@ class PromptTuning:
     if self.num_experts:
       prompt = jnp.broadcast_to(prompt, (self.num_experts,) + prompt.shape)
       return {"prompt": {"embedding": transform.boxed(
-          prompt, ("experts", "length", "embed"))}}
+          prompt, ("adapters", "length", "embed"))}}
     return {"prompt": {"embedding": transform.boxed(prompt, ("length", "embed"))}}
 
 
@@ -150,11 +150,11 @@ class MultitaskPromptTuning(PromptTuning):
     n, (p, d) = self.num_tasks, shared.shape
     tree = {"shared": transform.boxed(shared, ("length", "embed"))}
     if self.composition == "multiplicative":
-      tree["u"] = transform.boxed(jnp.ones((n, p)), ("experts", "length"))
-      tree["v"] = transform.boxed(jnp.ones((n, d)), ("experts", "embed"))
+      tree["u"] = transform.boxed(jnp.ones((n, p)), ("adapters", "length"))
+      tree["v"] = transform.boxed(jnp.ones((n, d)), ("adapters", "embed"))
     else:
       tree["delta"] = transform.boxed(jnp.zeros((n, p, d)),
-                                      ("experts", "length", "embed"))
+                                      ("adapters", "length", "embed"))
     return {"prompt": tree}
 
   def prompts(self, params, adapter_index):
