@@ -172,6 +172,8 @@ def _superglue_row(name):
 def _mc_row(name):
   """llm-foundry rows -> the HF fields promptsource's templates read."""
   def adapt(row):
+    if name == "hellaswag":  # read_hellaswag yields the HF fields already
+      return dict(row)
     gold = int(row["gold"])
     if name == "piqa":
       return dict(goal=_strip_prefix(row["query"], "Question:"),
@@ -197,8 +199,6 @@ def _mc_row(name):
       return dict(sentence=prefix + "_" + joiner + rest,
                   option1=a[len(prefix):], option2=b[len(prefix):],
                   answer=str(gold + 1))
-    if name == "hellaswag":
-      return dict(row)
     raise KeyError(name)
   return adapt
 
@@ -252,7 +252,8 @@ def render(task: FileTask, split: str, max_rows: Optional[int] = None):
   path = dict(task.files)[split]
   skipped = collections.Counter()
   examples = []
-  rows = READERS[task.reader](path, task.on_bad_row, skipped)
+  rows = (_read_cached(task.reader, path) if task.on_bad_row == "error"
+          else READERS[task.reader](path, task.on_bad_row, skipped))
   for line, row in rows[:max_rows]:
     where = f"{path}:{line}"
     try:
@@ -569,6 +570,24 @@ def usable_templates(spec_fields, path) -> List[templates_lib.Template]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def _read_cached(reader, path):
+  return READERS[reader](path)
+
+
+def _applies(template, spec) -> bool:
+  """Whether template renders at least one row of the spec's first split.
+
+  Some templates apply to a subset (e.g. COPA's cause-only prompts), and
+  some XCOPA languages (th, tr) have only 'effect' questions.
+  """
+  for line, row in _read_cached(spec.reader, spec.files[0][1]):
+    inputs, _, _ = template.apply(spec.adapt(row), key=line)
+    if inputs:
+      return True
+  return False
+
+
 def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
   """{dataset: [FileTask per template]} for what exists under data_dir."""
   data_dir = pathlib.Path(data_dir)
@@ -580,6 +599,10 @@ def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
     usable = (usable_templates(spec.fields, spec.template_file)
               if spec.template_file else [])
     for t in usable:
+      if not _applies(t, spec):
+        logging.info("%s: template %r renders no row; not registered",
+                     spec.dataset, t.name)
+        continue
       slug = _slug(t.name)
       while slug in seen:
         slug += "_"

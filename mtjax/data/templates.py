@@ -13,6 +13,7 @@ field instead of rendering as an empty string.
 """
 import collections
 import dataclasses
+import functools
 import pathlib
 import random
 import re
@@ -82,7 +83,7 @@ class Template:
   def _render(self, source, example, key, where):
     rng = random.Random(zlib.crc32(f"{self.id}/{key}".encode()))
     try:
-      return _ENV.from_string(source).render(_rng=rng, **example)
+      return _compile(source).render(_rng=rng, **example)
     except jinja2.exceptions.UndefinedError as e:
       field = _missing_field(str(e))
       raise TemplateFieldError(
@@ -90,6 +91,11 @@ class Template:
           f"the example at {where or '?'} lacks (fields: "
           f"{sorted(k for k in example if not k.startswith('_'))}); map the "
           "row to the fields the template expects") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(source):
+  return _ENV.from_string(source)
 
 
 def _missing_field(message):
