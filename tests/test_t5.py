@@ -71,6 +71,15 @@ def _logits(model, params, batch):
                                              for k, v in batch.items()}))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  """Tiny torch models: extra threads only spin (and slow the JAX compiles)."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
   """(name, hf_model, folder, mtjax model, params, batch, hf logits)."""
@@ -200,6 +209,8 @@ def test_save_roundtrip_through_transformers(case, tmp_path):
 
 
 def test_bf16_compute_close_to_f32(case):
+  if case["name"] == "mt5":
+    pytest.skip("mT5 runs the v1.1 code path, checked in bf16 already")
   model16, params16 = hf.load(str(case["folder"]), dtype="bfloat16")
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params16))
   ours16 = _logits(model16, params16, case["batch"])
@@ -250,17 +261,15 @@ def _assert_split(params, mesh_shape):
     assert shard(q) == q.shape
 
 
-def test_init_sharded_and_generate_under_mesh(case):
+def test_generate_under_mesh(case):
   if case["name"] != "v11":
     pytest.skip("checked on the v1.1 configuration only")
   model, b = case["model"], case["batch"]
   mesh = sharding.make_mesh((2, 2, 2))
-  params = sharding.init_sharded(model, jax.random.key(0), mesh,
-                                 **hf.dummy_inputs(model.config))
-  _assert_split(params, (2, 2, 2))
-  host = jax.tree.map(np.asarray, params)
+  abstract = sharding.abstract_params(model, **hf.dummy_inputs(model.config))
+  params = sharding.shard_params(case["params"], abstract, mesh)
   ids, mask = b["input_ids"], b["attention_mask"]
-  expected = np.asarray(t5.generate(model, host, ids, mask, STEPS))
+  expected = _generate(case, STEPS)
   with sharding.use_mesh(mesh):
     got = np.asarray(t5.generate(model, params, ids, mask, STEPS))
   np.testing.assert_array_equal(got, expected)
@@ -300,7 +309,9 @@ def test_dropout_sampling_and_dispatch(case):
   inputs = {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
   train = jax.jit(lambda p, key: model.apply(
       {"params": p}, **inputs, deterministic=False, rngs={"dropout": key}))
-  a, a2, c = (np.asarray(train(params, jax.random.key(k))) for k in (1, 1, 2))
+  # rbg keys: threefry dropout masks take several times longer to compile.
+  a, a2, c = (np.asarray(train(params, jax.random.key(k, impl="rbg")))
+              for k in (1, 1, 2))
   det = _logits(model, params, b)
   np.testing.assert_array_equal(a, a2)
   assert np.abs(a - c).max() > 1e-3 and np.abs(a - det).max() > 1e-3
