@@ -108,10 +108,9 @@ def test_greedy_generation_matches_hf(pair):
   np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("pair", ['llama'], indirect=True)
 def test_eos_stops_rows_like_hf(pair):
   arch, ref, model, params = pair
-  if arch != "llama":
-    pytest.skip("EOS bookkeeping is architecture-independent; llama covers it")
   ids, mask = left_padded_batch(seed=1)
   free = np.asarray(decoder.generate(model, params, ids, mask, NEW))
   # EOS := the first token row 0 emits at step >= 2 that it never emitted before.
@@ -146,10 +145,9 @@ def test_save_then_transformers_load(pair, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
+@pytest.mark.parametrize("pair", ['llama', 'bloom'], indirect=True)
 def test_cached_generation_equals_uncached_argmax(pair):
   arch, _, model, params = pair
-  if arch not in ("llama", "bloom"):
-    pytest.skip("cache logic is shared; llama (RoPE) and bloom (ALiBi) cover it")
   ids, mask = left_padded_batch(seed=1)
   cached = np.asarray(decoder.generate(model, params, ids, mask, NEW))
   # Uncached: one fixed-size buffer (future slots masked out; causal attention
@@ -163,10 +161,9 @@ def test_cached_generation_equals_uncached_argmax(pair):
   np.testing.assert_array_equal(cached, seq[:, LENGTH:])
 
 
+@pytest.mark.parametrize("pair", ['llama', 'bloom', 'mistral'], indirect=True)
 def test_packed_segments_equal_separate_passes(pair):
   arch, _, model, params = pair
-  if arch not in ("llama", "bloom", "mistral"):
-    pytest.skip("masking is shared; llama, bloom (ALiBi), mistral (window) cover it")
   rng = np.random.RandomState(4)
   a, b = rng.randint(3, VOCAB, 5), rng.randint(3, VOCAB, 4)
   packed = np.concatenate([a, b, [0, 0]])[None]
@@ -182,10 +179,9 @@ def test_packed_segments_equal_separate_passes(pair):
   assert diff < 1e-5
 
 
+@pytest.mark.parametrize("pair", ['llama', 'bloom'], indirect=True)
 def test_bfloat16_close_to_float32(pair):
   arch, _, model, params = pair
-  if arch not in ("llama", "bloom"):
-    pytest.skip("llama and bloom cover the bf16 path")
   ids, mask = left_padded_batch(seed=5)
   f32 = forward(model, params, ids, mask)
   bf16_model = decoder.Model(decoder.DecoderConfig(
@@ -200,10 +196,9 @@ def test_bfloat16_close_to_float32(pair):
   assert agree > 0.8
 
 
+@pytest.mark.parametrize("pair", ['llama'], indirect=True)
 def test_sampling_uses_rng_and_stays_in_vocab(pair):
   arch, _, model, params = pair
-  if arch != "llama":
-    pytest.skip("sampling is architecture-independent")
   ids, mask = left_padded_batch(seed=6)
   def sample(key, temperature=1.0):
     return np.asarray(decoder.generate(model, params, ids, mask, NEW,
@@ -218,3 +213,16 @@ def test_sampling_uses_rng_and_stays_in_vocab(pair):
   np.testing.assert_array_equal(sample(3, temperature=1e-4), greedy)
   with pytest.raises(ValueError, match="rng"):
     decoder.generate(model, params, ids, mask, 3, temperature=0.7)
+
+
+def test_default_positions_follow_hf_and_restart_per_segment():
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(decoder.default_positions(mask),
+                                [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+  segments = np.array([[1, 1, 1, 2, 2, 0]])
+  np.testing.assert_array_equal(
+      decoder.default_positions(segments != 0, segments), [[0, 1, 2, 0, 1, 0]])
+  # Decoding continues from per-row offsets.
+  np.testing.assert_array_equal(
+      decoder.default_positions(np.ones((2, 2)), offset=np.array([3, 5])),
+      [[3, 4], [5, 6]])

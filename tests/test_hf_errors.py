@@ -1,8 +1,11 @@
 """Bad Hugging Face folders fail with errors that name the problem."""
+import functools
 import json
 import os
 import re
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -14,17 +17,24 @@ CONFIG = decoder.DecoderConfig(
     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 
 
+@functools.lru_cache(maxsize=1)
+def _model_and_params():
+  model = decoder.Model(CONFIG)
+  init = jax.jit(lambda r: model.init(r, np.zeros((1, 2), np.int32)))
+  return model, nn.unbox(init(jax.random.key(0))["params"])
+
+
 @pytest.fixture
 def folder(tmp_path):
   """A valid tiny llama folder written by hf.save."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  model = decoder.Model(CONFIG)
-  params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 2), np.int32))
-                    ["params"])
-  hf.save(model, params, str(tmp_path))
-  hf.load(str(tmp_path))  # sanity: the untouched folder loads
+  hf.save(*_model_and_params(), str(tmp_path))
   return tmp_path
+
+
+def test_untouched_folder_loads(folder):
+  model, params = hf.load(str(folder))
+  assert model.config == CONFIG
+  assert set(params["model"]) == {"embed_tokens", "layers_0", "norm"}
 
 
 def rewrite(folder, edit):

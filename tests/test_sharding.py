@@ -12,10 +12,10 @@ MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
 CONFIGS = {
     "llama": decoder.DecoderConfig(  # GQA: 4 query heads over 2 KV heads
         model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
     "bloom": decoder.DecoderConfig(
         model_type="bloom", vocab_size=64, hidden_size=32, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=True,
+        num_hidden_layers=1, num_attention_heads=4, tie_word_embeddings=True,
         norm_eps=1e-5, hidden_act="gelu_pytorch_tanh"),
 }
 
@@ -33,7 +33,8 @@ def setup(request):
   """(arch, model, unsharded params, unsharded logits)."""
   model = decoder.Model(CONFIGS[request.param])
   ids, mask = batch()
-  params = nn.unbox(model.init(jax.random.key(0), ids[:1])["params"])
+  init = jax.jit(lambda r: model.init(r, ids[:1])["params"])
+  params = jax.device_get(nn.unbox(init(jax.random.key(0))))
   logits = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))
   return request.param, model, params, logits
 

@@ -198,7 +198,13 @@ def load(folder, dtype="float32"):
 
 
 def run_c_greedy(model, params, tokenizer, prompt="", steps=256):
-  """What `run <ckpt> -z <tok> -t 0 -n steps -i prompt` prints to stdout.
+  """What `run <ckpt> -z <tok> -t 0 -n steps -i prompt` prints to stdout."""
+  return tokenizer.decode_run_c(
+      run_c_tokens(model, params, tokenizer, prompt, steps)) + "\n"
+
+
+def run_c_tokens(model, params, tokenizer, prompt="", steps=256):
+  """The tokens run.c's greedy loop prints, as ids (BOS excluded).
 
   run.c forwards `steps` positions starting from BOS: prompt tokens are forced,
   every later position appends its argmax, so steps - (len(prompt ids) - 1)
@@ -211,4 +217,4 @@ def run_c_greedy(model, params, tokenizer, prompt="", steps=256):
     raise ValueError(f"steps={steps} leaves no room after {len(ids)} prompt tokens")
   out = decoder.generate(model, params, np.asarray([ids]),
                          np.ones((1, len(ids)), np.int32), new)
-  return tokenizer.decode_run_c(ids[1:] + np.asarray(out)[0].tolist()) + "\n"
+  return ids[1:] + np.asarray(out)[0].tolist()
