@@ -92,3 +92,16 @@ def test_init_sharded_creates_sharded_params(setup):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b,
                                                        rtol=1e-6, atol=1e-7),
                sharded, params)
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # cache is shared
+def test_generate_under_mesh_matches_unsharded(setup):
+  _, model, params, _ = setup
+  ids, mask = batch()
+  expected = np.asarray(decoder.generate(model, params, ids, mask, 6))
+  mesh = sharding.make_mesh((2, 2, 2))
+  placed = sharding.shard_params(
+      params, sharding.abstract_params(model, input_ids=ids[:1]), mesh)
+  with sharding.use_mesh(mesh):
+    out = np.asarray(decoder.generate(model, placed, ids, mask, 6))
+  np.testing.assert_array_equal(out, expected)
