@@ -42,6 +42,10 @@ to the first call so `import mtjax.data` stays cheap):
       Deterministic given seed. Resuming: start_step=s yields exactly the
       batches s, s+1, ... of the uninterrupted run (the pipeline is a pure
       function of the seed; it skips s batches, costing their preprocessing).
+      Sharding: seqio.ShardInfo(shard_index, num_shards) per process; shards
+      are disjoint and together cover each epoch. Options: on_too_long=
+      'truncate' (seqio's trim keeping EOS) | 'error' (ValueError naming the
+      task and the example); split='train'; shuffle=True; num_epochs=None.
   model_inputs(batch, model_kind) -> model keyword args (HF names: input_ids,
       attention_mask, decoder_input_ids, decoder_attention_mask, segment ids,
       positions) for mtjax.models; targets and weights stay in the batch.
@@ -57,13 +61,31 @@ to the first call so `import mtjax.data` stays cheap):
   few_shot(task, k, seed, split='validation', max_examples=None)
       -> suite examples with k train demonstrations prepended (MetaICL style).
 
+  More in mtjax.data.tasks: FileTask + register_file_task (JSONL/TSV rows
+  through a template; on_bad_row / on_empty_target = 'error' | 'skip'),
+  register_tfds_task (seqio.TfdsDataSource), add_mixture (explicit rates),
+  examples_proportional_rates (min(size, cap)), real_tasks(data_dir).
+
   load_templates(path) -> {template name: Template}; Template.apply(example)
       -> (input, target, answer_choices) rendered by Jinja (promptsource's
       YAML with !Template tags, loaded with a SafeLoader subclass).
   default_data_dir() -> pathlib.Path.
 
-Suite: an offline multitask suite of short text-to-text tasks (see suite.py),
-generated deterministically from a seed; it is the default data everywhere.
+Suite (suite.py): 15 short text-to-text tasks generated from a seed, the
+default data everywhere. held_in: copy, reverse, uppercase, sort_letters,
+add, subtract, compare*, sentiment*, parity*, kv_lookup, list_max; held_out:
+reverse_uppercase, sort_descending, add_compare*, is_palindrome* (* = rank
+classification with answer_choices). Splits train/validation/test = 2000/
+200/200; validation and test inputs never occur in train.
+
+Real held-out tasks (from data_dir, one seqio task per template): xcopa.<lang>
+(SuperGLUE COPA templates), xcopa_mt.<lang> (xP3mt per-language templates),
+xcopa_gmt.<lang> (English back-translations), cb, copa, rte, wsc, boolq
+(validation + FewGLUE train), winogrande, piqa, arc_easy, arc_challenge,
+openbook_qa, commonsense_qa, hellaswag (promptsource templates) and a
+'<dataset>.plain' choice format (llm-foundry's query/choices) for the
+multiple-choice sets; siqa is plain only (its file keeps 2 of 3 answers).
+Inputs carry EOS (seqio/T5 convention) in batches and eval_examples.
 """
 import dataclasses
 import os
