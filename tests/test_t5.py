@@ -80,10 +80,8 @@ def _one_torch_thread():
   torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def case(request, tmp_path_factory):
-  """(name, hf_model, folder, mtjax model, params, batch, hf logits)."""
-  name = request.param
+def _build(name, tmp_path_factory):
+  """HF model -> safetensors folder -> mtjax (model, params), batch, HF logits."""
   model_type, extra = CONFIGS[name]
   config_cls, model_cls = HF_CLASSES[model_type]
   torch.manual_seed(len(name))
@@ -100,6 +98,33 @@ def case(request, tmp_path_factory):
   batch = _batch(SMALL["vocab_size"])
   return dict(name=name, hf=hf_model, folder=folder, model=model,
               params=params, batch=batch, hf_logits=_hf_logits(hf_model, batch))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+  """cases(name) builds each configuration once per module."""
+  built = {}
+  def get(name):
+    if name not in built:
+      built[name] = _build(name, tmp_path_factory)
+    return built[name]
+  yield get
+  built.clear()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, cases):
+  return cases(request.param)
+
+
+@pytest.fixture
+def v11(cases):
+  return cases("v11")
+
+
+@pytest.fixture
+def orig(cases):
+  return cases("orig")
 
 
 def test_relative_position_bucket_matches_hf():
@@ -208,9 +233,9 @@ def test_save_roundtrip_through_transformers(case, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-def test_bf16_compute_close_to_f32(case):
-  if case["name"] == "mt5":
-    pytest.skip("mT5 runs the v1.1 code path, checked in bf16 already")
+@pytest.mark.parametrize("name", ["v11", "orig"])  # mT5 runs v1.1's code
+def test_bf16_compute_close_to_f32(cases, name):
+  case = cases(name)
   model16, params16 = hf.load(str(case["folder"]), dtype="bfloat16")
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params16))
   ours16 = _logits(model16, params16, case["batch"])
@@ -225,9 +250,8 @@ def test_bf16_compute_close_to_f32(case):
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_sharded_forward_matches_unsharded(case, mesh_shape):
-  if case["name"] != "v11":
-    pytest.skip("sharding is checked on the v1.1 configuration only")
+def test_sharded_forward_matches_unsharded(v11, mesh_shape):
+  case = v11
   model, params, b = case["model"], case["params"], case["batch"]
   expected = _logits(model, params, b)
   mesh = sharding.make_mesh(mesh_shape)
@@ -261,9 +285,8 @@ def _assert_split(params, mesh_shape):
     assert shard(q) == q.shape
 
 
-def test_generate_under_mesh(case):
-  if case["name"] != "v11":
-    pytest.skip("checked on the v1.1 configuration only")
+def test_generate_under_mesh(v11):
+  case = v11
   model, b = case["model"], case["batch"]
   mesh = sharding.make_mesh((2, 2, 2))
   abstract = sharding.abstract_params(model, **hf.dummy_inputs(model.config))
@@ -275,10 +298,9 @@ def test_generate_under_mesh(case):
   np.testing.assert_array_equal(got, expected)
 
 
-def test_packed_equals_separate(case):
+def test_packed_equals_separate(v11):
   """Two examples packed in one row give the same logits as run alone."""
-  if case["name"] != "v11":
-    pytest.skip("packing is checked on one configuration")
+  case = v11
   model, params = case["model"], case["params"]
   rng = np.random.default_rng(3)
   enc = [rng.integers(2, 96, 5), rng.integers(2, 96, 4)]
@@ -302,9 +324,8 @@ def test_packed_equals_separate(case):
   np.testing.assert_allclose(logits[0, 4:7], logits[2, :3], atol=1e-5)
 
 
-def test_dropout_sampling_and_dispatch(case):
-  if case["name"] != "orig":
-    pytest.skip("checked on one configuration")
+def test_dropout_sampling_and_dispatch(orig):
+  case = orig
   model, params, b = case["model"], case["params"], case["batch"]
   inputs = {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
   train = jax.jit(lambda p, key: model.apply(

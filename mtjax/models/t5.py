@@ -455,6 +455,21 @@ Model = T5
 # ------------------------------------------------------------------ generation
 
 
+def init_cache(model, params, encoded, attention_mask, max_length):
+  """'cache' collection for decoding up to `max_length` tokens.
+
+  One full-length decoder pass (output unused) creates zero self-attention
+  keys/values (B, max_length, H, d_kv) per layer and the cross-attention
+  keys/values of `encoded` (B, S, d_model), computed here once.
+  """
+  start = jnp.full((encoded.shape[0], max_length),
+                   model.config.decoder_start_token_id, jnp.int32)
+  _, variables = model.apply({"params": params}, start, encoded,
+                             attention_mask, decode=True, mutable=["cache"],
+                             method=T5.decode)
+  return variables["cache"]
+
+
 def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
              temperature=0.0, rng=None, eos_id=None):
   """Greedy (temperature 0) or sampled decoding -> (B, max_new_tokens) int32.
@@ -462,6 +477,8 @@ def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
   Starts from decoder_start_token_id like HF; after a row emits `eos_id`
   (default config.eos_token_id; negative: never stop) it emits pad_token_id.
   The loop stops early once every row is finished (the rest stays pad).
+  The jitted loop is cached per (model, max_new_tokens), so do not call this
+  inside `nn.intercept_methods` (a cached trace would ignore the change).
   """
   cfg = model.config
   input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -490,12 +507,7 @@ def _generate_fn(model, max_new_tokens):
     batch = input_ids.shape[0]
     encoded = model.apply({"params": params}, input_ids, mask,
                           method=T5.encode)
-    # One full-length pass creates the cache: zero self-attention k/v of
-    # length max_new_tokens and the cross-attention k/v of `encoded`.
-    start = jnp.full((batch, max_new_tokens), cfg.decoder_start_token_id,
-                     jnp.int32)
-    _, init = model.apply({"params": params}, start, encoded, mask,
-                          decode=True, mutable=["cache"], method=T5.decode)
+    cache = init_cache(model, params, encoded, mask, max_new_tokens)
 
     def step(state):
       i, tokens, last, cache, done = state
@@ -516,7 +528,8 @@ def _generate_fn(model, max_new_tokens):
 
     state = (jnp.array(0, jnp.int32),
              jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
-             start[:, 0], init["cache"], jnp.zeros((batch,), bool))
+             jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32), cache,
+             jnp.zeros((batch,), bool))
     return jax.lax.while_loop(not_finished, step, state)[1]
 
   return jax.jit(run)
