@@ -23,7 +23,7 @@ def get_config():
       hf_path="", arch="t5", dtype="float32",
       vocab_size=259, d_model=128, d_kv=32, num_heads=4, d_ff=512,
       num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
-      tie_word_embeddings=False, dropout_rate=0.0,
+      tie_word_embeddings=True, dropout_rate=0.0,
       relative_attention_num_buckets=32, relative_attention_max_distance=64))
   c.method = ml_collections.ConfigDict(dict(name="full"))
   c.trainable = ""  # regex over param paths; "" = the method's own

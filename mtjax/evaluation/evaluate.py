@@ -124,7 +124,7 @@ def _greedy(method, model, kind, max_new, params, batch, start):
   def body(t, carry):
     dec_in, out = carry
     b = dict(batch, decoder_input_tokens=dec_in)
-    logits = method.apply(model, params, trainer._model_inputs(b, kind))  # pylint: disable=protected-access
+    logits = method.apply(model, params, data.model_inputs(b, kind))
     pos = start + t
     tok = jnp.argmax(logits[rows, pos], -1).astype(jnp.int32)
     nxt = jnp.minimum(pos + 1, dec_in.shape[1] - 1)

@@ -52,10 +52,28 @@ def setup(config, workdir):
               schedule=schedule, pattern=pattern)
 
 
+def eval_groups(entries, reg):
+  """{'held_in': [...], 'held_out': [...], 'extra': [...]} from config entries.
+
+  An entry is 'held_in', 'held_out' (the suite's groups) or a task name;
+  task names are gathered in the group 'extra'.
+  """
+  groups = {}
+  for entry in entries:
+    if entry in ("held_in", "held_out"):
+      groups[entry] = list(getattr(reg, entry))
+    else:
+      reg.seqio_name(entry)  # a clear error for an unknown task
+      groups.setdefault("extra", []).append(entry)
+  return groups
+
+
 def _log(msg):
+  """Printed by process 0 (the job's output); logged by the others."""
   if jax.process_index() == 0:
     print(msg, flush=True)
-  logging.info(msg)
+  else:
+    logging.info(msg)
 
 
 def train_and_evaluate(config, workdir):
@@ -92,9 +110,7 @@ def train_and_evaluate(config, workdir):
   mngr.close()
 
   params = trainer.unflatten({**state["params"], **s["frozen"]})
-  groups = {g: list(getattr(reg, g)) if g in ("held_in", "held_out")
-            else [t for t in g.split(",") if t]
-            for g in config.eval.groups}
+  groups = eval_groups(config.eval.groups, reg)
   t0 = time.time()
   with sharding.use_mesh(mesh):
     res = evaluate.evaluate_all(method, model, params, groups, vocab,

@@ -212,28 +212,10 @@ def put_batch(batch, mesh):
 
 # -------------------------------------------------------------------- loss
 
-def _model_inputs(batch, kind):
-  """mtjax.data.model_inputs; a minimal stand-in while data/pipeline.py is absent."""
-  try:
-    from mtjax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.model_inputs(batch, kind)
-  except ImportError:
-    pass
-  if kind == "encoder_decoder":
-    return dict(input_ids=batch["encoder_input_tokens"],
-                attention_mask=(batch["encoder_input_tokens"] > 0).astype(
-                    jnp.int32),
-                decoder_input_ids=batch["decoder_input_tokens"],
-                decoder_attention_mask=(batch["decoder_target_tokens"] > 0
-                                        ).astype(jnp.int32))
-  return dict(input_ids=batch["decoder_input_tokens"],
-              attention_mask=(batch["decoder_target_tokens"] > 0).astype(
-                  jnp.int32))
-
-
 def token_scores(method, model, params, batch, kind, rng=None):
   """Per-token log-likelihood and correctness of the targets, (B, L) each."""
-  inputs = _model_inputs(batch, kind)
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  inputs = data.model_inputs(batch, kind)
   if "adapter_index" in batch:
     inputs["adapter_index"] = batch["adapter_index"]
   logits = method.apply(model, params, inputs, rng=rng,

@@ -1,0 +1,141 @@
+"""Exact resume after SIGKILL, and interrupted saves never restored as valid."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mtjax.training import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 12, 3
+TINY = [
+    "--config.model.d_model=32", "--config.model.d_kv=8",
+    "--config.model.num_heads=2", "--config.model.d_ff=64",
+    "--config.model.num_layers=1", "--config.model.num_decoder_layers=1",
+    "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
+    f"--config.checkpoint_every={EVERY}", "--config.keep_checkpoints=20",
+    "--config.log_every=1", "--config.eval.groups=('parity',)",
+    "--config.eval.max_examples=4",
+]
+
+
+def _cmd(workdir):
+  return [sys.executable, "-m", "mtjax.main",
+          "--config=configs/quickstart.py", f"--workdir={workdir}"] + TINY
+
+
+def _env():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return env
+
+
+def _losses(workdir):
+  """{step: loss}; for a step logged twice (killed, then resumed) the last."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["train/loss"]
+  return out
+
+
+def _final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state",))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  return step, {k: np.asarray(v) for k, v in state["params"].items()}
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  subprocess.run(_cmd(full), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+
+  kill_after = int(np.random.default_rng(0).integers(4, STEPS - 1))  # fixed
+  proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+  for line in proc.stdout:
+    if line.startswith(f"step {kill_after}/"):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+  assert not os.path.exists(os.path.join(killed, "results.json"))
+
+  resumed = subprocess.run(_cmd(killed), cwd=REPO, env=_env(), check=True,
+                           capture_output=True, text=True).stdout
+  line = next(l for l in resumed.splitlines() if l.startswith("resumed from"))
+  start = int(line.split()[-1])
+  assert 0 < start <= kill_after and start % EVERY == 0, (start, kill_after)
+
+  step_a, params_a = _final_params(full)
+  step_b, params_b = _final_params(killed)
+  assert step_a == step_b == STEPS
+  assert params_a.keys() == params_b.keys()
+  for k in params_a:
+    np.testing.assert_allclose(params_b[k], params_a[k], atol=1e-6, err_msg=k)
+  la, lb = _losses(full), _losses(killed)
+  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  assert [lb[s] for s in range(start + 1, STEPS + 1)] == \
+      [la[s] for s in range(start + 1, STEPS + 1)]
+  assert os.path.exists(os.path.join(killed, "results.json"))
+
+
+def _state(x):
+  return {"step": jnp.asarray(x, jnp.int32),
+          "params": {"w": jnp.full((4, 3), float(x))}}
+
+
+def test_interrupted_save_is_not_restored(tmp_path):
+  workdir = str(tmp_path)
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  for step in (1, 2):
+    assert checkpoint.save(mngr, step, _state(step))
+  mngr.close()
+  folder = os.path.join(workdir, "checkpoints")
+  # A save of step 3 killed before orbax's final rename: a complete copy and a
+  # truncated one, both under orbax's own tmp-dir name.
+  shutil.copytree(os.path.join(folder, "2"),
+                  os.path.join(folder, "3" + checkpoint.TMP_MARKER))
+  partial = os.path.join(folder, "4" + checkpoint.TMP_MARKER)
+  shutil.copytree(os.path.join(folder, "2"), partial)
+  for root, _, files in os.walk(partial):
+    for name in files[: len(files) // 2 + 1]:
+      os.remove(os.path.join(root, name))
+
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  assert mngr.all_steps() == [1, 2]
+  state, step = checkpoint.restore_latest(mngr, _state(0))
+  assert step == 2 and int(state["step"]) == 2
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]), 2.0)
+  assert checkpoint.incomplete_checkpoints(workdir) == [
+      "3" + checkpoint.TMP_MARKER, "4" + checkpoint.TMP_MARKER]
+  # Training on saves step 3 over the stale tmp dir and finalizes it.
+  assert checkpoint.save(mngr, 3, _state(3))
+  mngr.close()
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  state, step = checkpoint.restore_latest(mngr, _state(0))
+  assert step == 3 and float(state["params"]["w"][0, 0]) == 3.0
+
+
+def test_restore_places_arrays_with_target_shardings(tmp_path):
+  mesh = jax.make_mesh((jax.device_count(),), ("x",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  mngr = checkpoint.manager(str(tmp_path), 1, 2, async_save=False)
+  checkpoint.save(mngr, 1, {"w": jnp.arange(16.0)})
+  target = {"w": jax.device_put(jnp.zeros(16), sharded)}
+  state, step = checkpoint.restore_latest(mngr, target)
+  assert step == 1 and state["w"].sharding == sharded
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(16.0))
