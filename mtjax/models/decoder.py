@@ -26,7 +26,7 @@ Incremental decoding keeps keys/values in the 'cache' collection (`decode=True`)
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -361,7 +361,7 @@ class Body(nn.Module):
   def __call__(self, input_ids, attention_mask, positions, segment_ids,
                deterministic, decode):
     c = self.config
-    b, t = input_ids.shape
+    t = input_ids.shape[1]
     cache_start = None
     if decode:  # the creation pass (ready=False) fills the cache like a forward
       ready, cache_start, key_valid, positions, key_positions = (
@@ -377,8 +377,8 @@ class Body(nn.Module):
                              segment_ids, c.sliding_window)
     bias = None
     if c.is_bloom:  # HF adds slope * key position; softmax ignores the query's
-      kp = (key_positions * key_valid).astype(jnp.float32)
-      bias = alibi_slopes(c.num_attention_heads)[None, :, None, None] * kp[:, None, None, :]
+      kp = (key_positions * key_valid).astype(jnp.float32)[:, None, None, :]
+      bias = alibi_slopes(c.num_attention_heads)[None, :, None, None] * kp
 
     embed = self.word_embeddings if c.is_bloom else self.embed_tokens
     x = embed(input_ids)
