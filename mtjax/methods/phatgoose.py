@@ -330,7 +330,9 @@ def by_layer(summary, key):
 def _layer_key(item):
   name = item[0]
   m = re.match(r"([a-zA-Z]+)(\d+)$", name)
-  return (m.group(1), int(m.group(2))) if m else (name, 0)
+  order = {"enc": 0, "L": 0, "dec": 1}
+  return ((order.get(m.group(1), 2), int(m.group(2))) if m
+          else (3, name))
 
 
 def layer_loads(summary):
@@ -652,7 +654,7 @@ def run(config, workdir):
                                  ctx["rng"])
   kind = ctx["kind"]
   methods = [m for m in config.methods.split(",") if m]
-  results, diag = {}, {}
+  results, diag, errors, plot = {}, {}, {}, {}
   with sharding.use_mesh(mesh):
     library = train_library(ctx, base, lora, jax.random.fold_in(rng, 1))
     stacked = stack_library(library)
@@ -667,8 +669,7 @@ def run(config, workdir):
       p = routed_params(base, stacked, strategy, **kw)
       return m, p
 
-    for name in methods:
-      t0 = time.time()
+    def _run_method(name):
       if name == "base":
         results[name] = _evaluate(ctx, name, trainer.FullFineTuning(),
                                   lambda t: {"base": base}, tasks)
@@ -687,7 +688,7 @@ def run(config, workdir):
                                           num_e)
           if name == "phatgoose":
             ho_loads = {t: loads[t] for t in held_out}
-            plot_path = plot_routing(
+            plot["path"] = plot_routing(
                 ho_loads, held_in, os.path.join(workdir, "routing_held_out.png"),
                 "PHATGOOSE: share of routed tokens per expert, by layer")
             save_choices(ctx, m, lambda t, p=p: p, tasks,
@@ -760,10 +761,21 @@ def run(config, workdir):
                          "base, multitask, oracle, uniform, merged, arrow, "
                          "phatgoose, task_gate, retrieval, poly, mhr, mhr_mu, "
                          "mhr_z")
+
+    for name in methods:
+      t0 = time.time()
+      try:
+        _run_method(name)
+      except Exception as e:  # pylint: disable=broad-except
+        if not config.get("continue_on_error"):
+          raise
+        _log(f"METHOD {name} FAILED: {type(e).__name__}: {e}")
+        errors[name] = f"{type(e).__name__}: {e}"
       _log(f"  ({name}: {time.time() - t0:.0f}s)")
 
   table, avgs = _table(results, held_in, held_out)
   out = {"results": results, "averages": avgs, "diagnostics": diag,
+         "errors": errors,
          "experts": held_in, "held_out": held_out,
          "library_mb": _size_mb(stacked),
          "seconds": time.time() - t_start}
@@ -777,8 +789,10 @@ def run(config, workdir):
       _log(f"  {t}: " + " ".join(
           f"{k}={v:.2f}" for k, v in diag["phatgoose"][t][
               "top1_own_by_layer"].items()))
-  if "phatgoose" in methods:
-    _log(f"routing plot: {plot_path}")
+  if plot:
+    _log(f"routing plot: {plot['path']}")
+  for name, err in errors.items():
+    _log(f"FAILED {name}: {err}")
   _log(f"total {time.time() - t_start:.0f}s; results in {workdir}")
   return out
 
