@@ -64,6 +64,7 @@ def get_config():
                "task_gate,retrieval,poly,mhr,mhr_mu,mhr_z")
   c.diagnostics_examples = 64
   c.continue_on_error = False  # True: log a failing method and go on
+  c.library_dir = ""  # load experts+gates from here (mtjax.methods.library)
 
   c.mesh_shape = (-1, 1, 1)
   c.eval = ml_collections.ConfigDict(dict(

@@ -133,6 +133,33 @@ def stack_library(library, with_gates=True):
                          for p in paths})
 
 
+def save_library(library, root, lora):
+  """Writes each expert (LoRA + its gates) as a mtjax.methods.library folder.
+
+  An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
+  writes one new folder and leaves the others' files untouched.
+  """
+  from mtjax.methods import library as disk  # pylint: disable=g-import-not-at-top
+  lib = disk.Library(root)
+  cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
+         "targets": list(lora.targets or ())}
+  for name, entry in zip(library["names"], library["experts"]):
+    lib.add(name, cfg, entry, task=name, overwrite=True)
+  return root
+
+
+def load_library(root, names=None):
+  """The in-memory library from expert folders written by `save_library`."""
+  from mtjax.methods import library as disk  # pylint: disable=g-import-not-at-top
+  lib = disk.Library(root)
+  names = names or [e.name for e in lib.list()]
+  out = new_library()
+  for name in names:
+    params = lib.get(name).params()
+    out = add_expert(out, name, params["lora"], params.get("gate"))
+  return out
+
+
 LOGICAL = {"lora_a": lambda t: ("experts", t.in_axis, "rank"),
            "lora_b": lambda t: ("experts", "rank", t.out_axis),
            "gate": lambda t: ("experts", t.in_axis),
@@ -656,7 +683,14 @@ def run(config, workdir):
   methods = [m for m in config.methods.split(",") if m]
   results, diag, errors, plot = {}, {}, {}, {}
   with sharding.use_mesh(mesh):
-    library = train_library(ctx, base, lora, jax.random.fold_in(rng, 1))
+    lib_dir = config.get("library_dir") or os.path.join(workdir, "library")
+    if config.get("library_dir") and os.path.isdir(lib_dir):
+      library = load_library(lib_dir, held_in)   # base must match (base_steps)
+      _log(f"loaded {len(held_in)} experts with gates from {lib_dir}")
+    else:
+      library = train_library(ctx, base, lora, jax.random.fold_in(rng, 1))
+      save_library(library, lib_dir, lora)
+      _log(f"library written to {lib_dir}")
     stacked = stack_library(library)
     num_e = len(held_in)
     own = {t: i for i, t in enumerate(held_in)}
