@@ -16,8 +16,8 @@ NAACL 2021 (arXiv:2010.11934). The computation matches Hugging Face's
 
 Module paths mirror HF's state-dict names: 'shared',
 'encoder/block_0/layer_0/SelfAttention/q', 'decoder/block_1/layer_1/
-EncDecAttention/o', '.../layer_1/DenseReluDense/wi_0', 'decoder/final_layer_norm',
-'lm_head'.
+EncDecAttention/o', '.../layer_1/DenseReluDense/wi_0',
+'decoder/final_layer_norm', 'lm_head'.
 
 Packing: `*_segment_ids` (B, T) int, 0 = padding, restrict attention to the
 same segment (cross-attention: decoder segment s sees encoder segment s);
@@ -89,7 +89,7 @@ class T5Config:
           "mt5 with tie_word_embeddings=True: mT5/mT0 checkpoints have a "
           "separate lm_head and transformers' MT5 never scales the decoder "
           "output; set tie_word_embeddings=False (or model_type='t5')")
-    self.activation  # validates feed_forward_proj  # pylint: disable=pointless-statement
+    _ = self.activation  # validates feed_forward_proj
     layers.dtype_of(self.dtype)
 
   @property
@@ -419,7 +419,8 @@ class T5(nn.Module):
         q_index, jnp.arange(encoded.shape[1]), causal=False,
         q_segments=decoder_segment_ids, k_segments=encoder_segment_ids,
         k_valid=_key_valid(attention_mask, encoder_segment_ids))
-    positions = q_index[None] if decoder_positions is None else decoder_positions
+    positions = (q_index[None] if decoder_positions is None
+                 else decoder_positions)
     h = self.decoder(self.shared(decoder_input_ids), self_mask, positions,
                      encoded, cross_mask, deterministic=deterministic,
                      decode=decode)
@@ -570,7 +571,8 @@ def config_from_hf(d, dtype="float32"):
       d_ff=d.get("d_ff", 1024 if mt5 else 2048), num_layers=num_layers,
       num_decoder_layers=d.get("num_decoder_layers") or num_layers,
       num_heads=d.get("num_heads", 6 if mt5 else 8),
-      relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
+      relative_attention_num_buckets=d.get("relative_attention_num_buckets",
+                                           32),
       relative_attention_max_distance=d.get("relative_attention_max_distance",
                                             128),
       dropout_rate=d.get("dropout_rate", 0.1),
