@@ -11,8 +11,9 @@ Every method follows one contract (see transform.py for the mechanism):
   method.trainable   # regex over '/'-joined param paths, e.g. 'lora/.*'
 
 Methods: 'full' (full fine-tuning), 'lora', 'ia3', 'prompt_tuning',
-'multitask_prompt'. library.py holds the expert library, PEFT interchange and
-adapter-only checkpoints.
+'multitask_prompt'. library.py holds the expert library, PEFT interchange,
+adapter-only checkpoints and the multi-run jobs: `run_job(config, workdir)`
+runs config.job 'library' (one expert per task) or 'prompt_transfer'.
 """
 from mtjax.methods import ia3, lora, prompt_tuning, transform  # noqa: F401
 
@@ -34,6 +35,12 @@ _CLASSES = {
 }
 # Config keys that belong to the surrounding job, not to the method object.
 _JOB_KEYS = ("name", "adapter_index_from")
+
+
+def run_job(config, workdir):
+  """Multi-run jobs (config.job 'library' | 'prompt_transfer'), for mtjax.main."""
+  from mtjax.methods import library  # pylint: disable=g-import-not-at-top
+  return library.run_job(config, workdir)
 
 
 def _full():
