@@ -407,7 +407,9 @@ class T5(nn.Module):
     """decoder_input_ids (B, T), encoded (B, S, E) -> f32 logits (B, T, V).
 
     attention_mask is the encoder's (B, S) padding mask. decode=True uses and
-    updates the 'cache' collection (one step at a time, see `generate`).
+    updates the 'cache' collection (see `init_cache`, `generate`): the step's
+    tokens attend causally to everything cached so far, so the decoder mask,
+    segment ids and positions only apply when the cache is created.
     """
     _check_ids("decoder_input_ids", decoder_input_ids)
     q_index = jnp.arange(decoder_input_ids.shape[1])
