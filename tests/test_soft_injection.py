@@ -128,6 +128,11 @@ def test_method_object_save_load_and_bad_pattern(tmp_path):
   e, a, meta = si.load(str(tmp_path), "t")
   np.testing.assert_array_equal(e, emb[0])
   assert a.shape == (3, 4) and meta["num_shots"] == 3 and path.endswith("t")
+  si.save(str(tmp_path), "u", emb[1], np.ones((3, 4)))
+  built = si.build({"name": "soft_injection", "library": str(tmp_path),
+                    "tasks": ["u", "t"]})
+  np.testing.assert_array_equal(built.embeddings, emb[::-1])
+  np.testing.assert_array_equal(built.alpha_logits[0], np.ones((3, 4)))
   with pytest.raises(ValueError, match="matches"):
     si.capture(model, params, inputs, pattern=r".*/nothing")
 
@@ -253,3 +258,28 @@ def test_heatmap_and_overlap(bed, tmp_path):
   tasks, mat = sa.jaccard_matrix(alphas, 3)
   assert mat[tasks.index("x"), tasks.index(HELD_OUT[0])] == 1.0
   assert "Jaccard" in text and png.endswith(".png")
+
+
+def test_t5_decoder_self_attention_injection_at_step_zero():
+  from mtjax.models import t5
+  cfg = t5.T5Config(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=64,
+                    num_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+  model = t5.Model(cfg)
+  ids = jax.random.randint(jax.random.key(0), (2, 6), 3, 40)
+  inputs = {"input_ids": ids, "decoder_input_ids": jnp.zeros((2, 3), jnp.int32)}
+  params = model.init(jax.random.key(1), **inputs)["params"]
+  base = model.apply({"params": params}, **inputs)
+  logits, heads = si.capture(model, params, inputs)  # decoder layers only
+  assert heads.shape == (2, 3, 4, 8)
+  np.testing.assert_array_equal(logits, base)
+  emb = jax.random.normal(jax.random.key(2), (3, 4, 8))
+  out = si.apply_injected(model, params, inputs, emb, jnp.zeros((3, 4)))
+  assert bool((out == base).all())
+  alpha = jnp.zeros((3, 4)).at[2, 1].set(1.0)
+  outer = si.head_hook(si.T5_PATTERN, 4, si.inject_edit(
+      si.select(emb, None, 2), si.select(alpha, None, 2),
+      jnp.zeros((2,), jnp.int32)))
+  with nn.intercept_methods(outer):
+    _, got = si.capture(model, params, inputs)
+  np.testing.assert_array_equal(got[:, 2, 1], np.broadcast_to(emb[2, 1], (2, 8)))
+  np.testing.assert_array_equal(got[:, :2], heads[:, :2])

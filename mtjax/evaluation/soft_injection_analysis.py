@@ -257,7 +257,8 @@ def embedding_prompts(train, num_prompts, num_shots, seed, encode, max_len):
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(num_prompts):
-    idx = rng.choice(len(train), size=num_shots + 1, replace=False)
+    idx = rng.choice(len(train), size=min(num_shots + 1, len(train)),
+                     replace=False)
     rows.append(render([train[i] for i in idx[1:]], train[idx[0]], encode,
                        max_len))
   ids, mask = left_pad(rows)
@@ -453,9 +454,13 @@ def _method_rows(model, params, vocab, task, cfg, seed):
     evaluate("zero-shot" if k == 0 else f"icl-{k}", prompts, si.plain_prefill,
              (), plain_logits)
   zero = few_shot_prompts(train, evals, 0, seed, enc, cfg.max_prompt_len)
-  n_fit, n_val = cfg.fit_examples, cfg.val_examples
-  fit_rows, val_rows = train[-(n_fit + n_val):-n_val], train[-n_val:]
-  emb_rows = train[:-(n_fit + n_val)]  # demonstrations never fitted on
+  # Disjoint train slices: embedding demonstrations | alpha fit | alpha val
+  # (small real train sets, e.g. FewGLUE's 32, are split 1/4 | 1/2 | 1/4).
+  n = len(train)
+  n_val = min(cfg.val_examples, n // 4)
+  n_fit = min(cfg.fit_examples, n // 2)
+  fit_rows, val_rows = train[n - n_fit - n_val:n - n_val], train[n - n_val:]
+  emb_rows = train[:n - n_fit - n_val]
 
   emb = si.task_embedding(model, params, embedding_prompts(
       emb_rows, cfg.num_prompts, cfg.num_shots, seed, enc, cfg.max_prompt_len),

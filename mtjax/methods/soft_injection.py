@@ -301,13 +301,17 @@ class SoftInjection:
   """
   trainable = r"soft_injection/alpha_logits"
 
-  def __init__(self, embeddings, pattern=None):
+  def __init__(self, embeddings, pattern=None, alpha_logits=None):
     self.embeddings = np.asarray(embeddings, np.float32)
     if self.embeddings.ndim == 3:
       self.embeddings = self.embeddings[None]
     if self.embeddings.ndim != 4:
       raise ValueError("embeddings must be (L, H, D) or (K, L, H, D), got "
                        f"{self.embeddings.shape}")
+    self.alpha_logits = (np.zeros(self.embeddings.shape[:3], np.float32)
+                         if alpha_logits is None else
+                         np.asarray(alpha_logits, np.float32).reshape(
+                             self.embeddings.shape[:3]))
     self.pattern = pattern
 
   def init(self, rng, model, base_params):
@@ -315,7 +319,7 @@ class SoftInjection:
     names = ("experts", "layers", "heads")
     return {"soft_injection": {
         "alpha_logits": nn.LogicallyPartitioned(
-            jnp.zeros(self.embeddings.shape[:3], jnp.float32), names),
+            jnp.asarray(self.alpha_logits), names),
         "embedding": nn.LogicallyPartitioned(
             jnp.asarray(self.embeddings), names + ("kv",))}}
 
@@ -332,12 +336,28 @@ class SoftInjection:
                           pattern=self.pattern)
 
 
-def build(method_config, model):
-  """SoftInjection from a config with .embeddings (array or library dir list)."""
+def build(method_config, model=None):
+  """SoftInjection from a config: `library` (a folder written by `save`) and
+  `tasks` (their order defines adapter_index), or `embeddings` (K, L, H, D);
+  optional `pattern`. Stored alpha logits initialise the trainable ones."""
   del model
-  return SoftInjection(method_config.embeddings,
-                       pattern=method_config.get("pattern", None)
-                       if hasattr(method_config, "get") else None)
+  cfg = dict(method_config.to_dict() if hasattr(method_config, "to_dict")
+             else method_config)
+  alphas = None
+  if cfg.get("library"):
+    if not cfg.get("tasks"):
+      raise ValueError("soft_injection with a library needs tasks=[...] "
+                       "(their order defines adapter_index)")
+    loaded = [load(cfg["library"], t) for t in cfg["tasks"]]
+    embeddings = np.stack([e for e, _, _ in loaded])
+    if all(a is not None for _, a, _ in loaded):
+      alphas = np.stack([a for _, a, _ in loaded])
+  elif cfg.get("embeddings") is not None:
+    embeddings = cfg["embeddings"]
+  else:
+    raise ValueError("soft_injection needs library= and tasks=, or embeddings=")
+  return SoftInjection(embeddings, pattern=cfg.get("pattern"),
+                       alpha_logits=alphas)
 
 
 # ------------------------------------------------------------ generation --
