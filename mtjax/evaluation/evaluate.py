@@ -62,8 +62,13 @@ def score_rows(rows, kind, lengths):
   }
 
 
-def _batches(rows, batch_size):
-  """Rows in chunks of batch_size, the last padded with copies of row 0."""
+def _batches(rows, batch_size, mesh):
+  """Rows in chunks of batch_size, the last padded with copies of row 0.
+
+  batch_size is rounded up to a multiple of the mesh's batch shards.
+  """
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = -(-batch_size // shards) * shards
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     yield chunk + [rows[0]] * (batch_size - len(chunk)), len(chunk)
@@ -91,7 +96,7 @@ def rank_classification(scorer, model, params, examples, lengths, batch_size,
       rows.append((ex["input_ids"], ids))
       owner.append(e)
   sums, counts = [], []
-  for chunk, n in _batches(rows, batch_size):
+  for chunk, n in _batches(rows, batch_size, mesh):
     batch = trainer.put_batch(score_rows(chunk, kind, lengths), mesh)
     s, c = jax.device_get(scorer(params, batch))
     sums.append(s[:n])
@@ -147,7 +152,7 @@ def generate_rows(greedy, model, params, input_ids, lengths, max_new,
     lengths = dict(lengths, targets=max_new)
   outputs = []
   rows = [(ids, []) for ids in input_ids]
-  for chunk, n in _batches(rows, batch_size):
+  for chunk, n in _batches(rows, batch_size, mesh):
     feats = score_rows(chunk, kind, lengths)
     full = {"decoder_target_tokens": np.ones_like(
         feats["decoder_target_tokens"])}
