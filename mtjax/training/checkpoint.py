@@ -15,6 +15,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 from absl import logging
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -22,8 +23,13 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 
 def manager(workdir, save_every, keep, async_save=True):
   """CheckpointManager saving every `save_every` steps and keeping the last `keep`."""
+  # Orbax's default policy also saves the first step; keep saves periodic
+  # (plus preemption saves and the forced final one).
+  policy = save_policy.AnySavePolicy([
+      save_policy.FixedIntervalPolicy(save_every),
+      save_policy.PreemptionCheckpointingPolicy()])
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_every, max_to_keep=keep, create=True,
+      save_decision_policy=policy, max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
                                             "checkpoints"),

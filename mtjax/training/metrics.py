@@ -39,8 +39,8 @@ def writer(logdir):
     logging.warning("TensorBoard summaries disabled (%s); pip install "
                     "tensorboard to enable them", e)
     return _NullWriter()
-  return metric_writers.create_default_writer(logdir, asynchronous=True,
-                                              just_logging=False)
+  # Only TensorBoard: progress lines already go to stdout.
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
 
 
 def scalars_from_metrics(metrics, task_names, lr=None):
@@ -92,10 +92,3 @@ class Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
-
-
-def mean_task_metric(scalars, suffix="/loss"):
-  """Mean over per-task entries of one metric (for summaries of groups)."""
-  vals = [v for k, v in scalars.items()
-          if k.endswith(suffix) and k.count("/") == 2]
-  return float(np.mean(vals)) if vals else float("nan")
