@@ -1,4 +1,4 @@
-r"""A seconds-long training run for multi-process tests (tests/test_multihost.py).
+r"""Seconds-long training for multi-process tests (tests/test_multihost.py).
 
 configs/quickstart.py shrunk: a one-layer byte-level T5 (d_model 32), global
 batch 16, 12 steps, a checkpoint every 3 steps, no evaluation. Run it as

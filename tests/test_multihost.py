@@ -189,7 +189,8 @@ def test_two_processes_reproduce_one_process(runs):
                              _state(runs["one"], CHECKPOINT_EVERY)["params"])
   print(f"\n[multihost] 2x4 vs 1x8 devices, {STEPS} steps f32: loss max rel "
         f"diff {rel:.3g}; final params max abs diff {dp:.3g} (they moved "
-        f"{first_move:.3g} since step {CHECKPOINT_EVERY}); opt_state max abs diff {do:.3g}")
+        f"{first_move:.3g} since step {CHECKPOINT_EVERY}); opt_state max abs "
+        f"diff {do:.3g}")
   assert rel <= LOSS_TOL, (ref, got)
   assert dp <= PARAM_TOL and first_move > 100 * PARAM_TOL
   assert do <= PARAM_TOL
