@@ -144,8 +144,8 @@ def test_prompt_transfer_converges_faster_than_vocab_init(tmp_path):
 
   Setup (seed 0): byte-level T5 (d_model 64, 2+2 layers) with a random frozen
   base; prompts of 8 vectors, AdamW lr 0.1, batch 16. Source: multitask
-  prompt (shared S x per-task rank-1) on the held_in mixture, 100 steps.
-  Target: held-out 'reverse_uppercase', 40 steps from S (transfer) or from
+  prompt (shared S x per-task rank-1) on the held_in mixture, 60 steps.
+  Target: held-out 'reverse_uppercase', 30 steps from S (transfer) or from
   sampled vocabulary embeddings. Margin: the transfer run reaches the vocab
   run's final loss (mean of its last 5 steps) within half as many steps.
   """
@@ -161,7 +161,7 @@ def test_prompt_transfer_converges_faster_than_vocab_init(tmp_path):
   with src.unlocked():
     src.method = c.transfer.source_method
     src.data.mixture = "held_in"
-  _, source = train_losses(src, str(tmp_path / "source"), 100)
+  _, source = train_losses(src, str(tmp_path / "source"), 60)
   library.save_adapter(tmp_path / "source_prompt", source)
   curves = {}
   for init in ("vocab", "transfer"):
@@ -170,11 +170,11 @@ def test_prompt_transfer_converges_faster_than_vocab_init(tmp_path):
       t.data.mixture = "reverse_uppercase"
       if init == "transfer":
         t.method.init_from = str(tmp_path / "source_prompt")
-    curves[init], _ = train_losses(t, str(tmp_path / init), 40)
+    curves[init], _ = train_losses(t, str(tmp_path / init), 30)
   print({k: np.round(v, 2).tolist() for k, v in curves.items()})
   target = curves["vocab"][-1]
   reached = next(5 * (i + 1) for i, loss in enumerate(curves["transfer"] + [0])
                  if loss <= target)
-  print(f"transfer reaches the vocab-init loss after 40 steps "
+  print(f"transfer reaches the vocab-init loss after 30 steps "
         f"({target:.2f}) in {reached} steps")
-  assert reached <= 20
+  assert reached <= 15
