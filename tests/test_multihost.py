@@ -199,6 +199,8 @@ def test_two_processes_reproduce_one_process(runs):
 def test_sigkilled_run_resumes_where_it_stopped(runs):
   killed = runs["killed"]
   logged = [r["step"] for r in killed["lines"]]
+  # Only process 0 writes metrics.jsonl: one line per step.
+  assert logged == list(range(1, len(logged) + 1)), logged
   # Killed mid-run: the launcher died by SIGKILL before the last step.
   assert runs["killed_code"] == -signal.SIGKILL
   assert max(logged) < STEPS and STEPS not in killed["checkpoints"], killed
@@ -212,7 +214,8 @@ def test_sigkilled_run_resumes_where_it_stopped(runs):
   lines = _metric_lines(runs["two"])
   before = {r["step"]: r for r in lines[:len(killed["lines"])]}
   after = {r["step"]: r for r in lines[len(killed["lines"]):]}
-  assert sorted(after) == list(range(resumed_from + 1, STEPS + 1))
+  assert [r["step"] for r in lines[len(killed["lines"]):]] == list(
+      range(resumed_from + 1, STEPS + 1))
   twice = [s for s in before if s in after]
   assert twice, (before.keys(), after.keys())
   for s in twice:
