@@ -11,8 +11,8 @@ forward (median of --reps runs after a warm-up) of
           (tokens, E, d_out) intermediate exceeds --dense_max_gb,
 and prints one table with routed/base and dense/base, plus the library size.
 
-  python benchmarks/routing.py                       # E 8,64,256,1024; k 1,2
-  python benchmarks/routing.py --experts=8,64 --batch=2
+  python benchmarks/routing.py                 # E 8,64,256,1024 x k 1,2
+  python benchmarks/routing.py --pairs=8:1,64:2 --batch=2
 """
 import argparse
 import statistics
@@ -61,8 +61,9 @@ def time_fn(fn, args, reps):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--experts", default="8,64,256,1024")
-  ap.add_argument("--k", default="1,2")
+  ap.add_argument("--pairs",
+                  default="256:2,1024:2,8:2,64:2,256:1,1024:1,8:1,64:1",
+                  help="E:k pairs, timed in this order (E grouped)")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--inputs_length", type=int, default=128)
   ap.add_argument("--targets_length", type=int, default=32)
@@ -97,13 +98,14 @@ def main():
   t_base = time_fn(base_fn, (base, inputs), args.reps)
   print(f"base forward: {t_base * 1e3:.1f} ms")
   rows = []
-  for num_e in [int(x) for x in args.experts.split(",")]:
+  pairs = [tuple(int(v) for v in p.split(":")) for p in args.pairs.split(",")]
+  for num_e in dict.fromkeys(e for e, _ in pairs):
     dtype = jnp.bfloat16 if (args.expert_dtype == "bfloat16"
                              or num_e >= args.bf16_from) else jnp.float32
     stacked = random_library(model, lora, num_e, dtype)
     size_gb = pg._size_mb(stacked) / 1024   # pylint: disable=protected-access
     params = pg.routed_params(base, stacked, "phatgoose")
-    for k in [int(x) for x in args.k.split(",")]:
+    for k in [kk for e, kk in pairs if e == num_e]:
       routed = pg.RoutedLoRA(lora, "phatgoose", top_k=k, impl=args.impl)
       fn = jax.jit(lambda p, i, m=routed: m.apply(model, p, i))
       t_routed = time_fn(fn, (params, inputs), args.reps)

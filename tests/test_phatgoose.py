@@ -52,8 +52,11 @@ def test_gates_are_trained_and_stored_per_expert(trained):
                          for g in gates.values())   # moved away from zero
 
 
-def test_adding_an_expert_leaves_other_gates_untouched(trained):
+def test_adding_an_expert_leaves_other_gates_untouched(trained, tmp_path):
   ctx, lib = trained
+  pg.save_library(lib, str(tmp_path), ctx["lora"])
+  files = {p: p.read_bytes() for p in sorted(tmp_path.glob("*/*.safetensors"))}
+  assert len(files) == len(HELD_IN)
   before = [jax.tree.map(np.array, e["gate"]) for e in lib["experts"]]
   stacked_before = jax.tree.map(np.array, pg.stack_library(lib))
   # Train one more expert and its gates the same way, then add it.
@@ -70,6 +73,15 @@ def test_adding_an_expert_leaves_other_gates_untouched(trained):
   for x, y in zip(jax.tree.leaves(stacked_before), jax.tree.leaves(stacked)):
     assert y.shape[0] == x.shape[0] + 1
     np.testing.assert_array_equal(x, np.asarray(y)[:-1])
+  # On disk (mtjax.methods.library): the new expert is one new folder; the
+  # others' files are byte-identical and load back bitwise.
+  pg.save_library(grown, str(tmp_path), ctx["lora"])
+  for p, data in files.items():
+    assert p.read_bytes() == data
+  loaded = pg.load_library(str(tmp_path), grown["names"])
+  for x, y in zip(jax.tree.leaves(pg.stack_library(grown)),
+                  jax.tree.leaves(pg.stack_library(loaded))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="already"):
     pg.add_expert(grown, "reverse", extra["experts"][0]["lora"])
 

@@ -25,6 +25,7 @@ Parameters of a routed model: {'base': ..., 'experts': nested by module path
 'weights': (E,)}}. With an 'experts' mesh axis (see `expert_mesh`) the leading
 axis is sharded over it by the logical rule ('experts', 'experts').
 """
+import os
 import re
 
 import flax.linen as nn
@@ -133,7 +134,7 @@ def stack_library(library, with_gates=True):
                          for p in paths})
 
 
-def save_library(library, root, lora):
+def save_library(library, root, lora, overwrite=False):
   """Writes each expert (LoRA + its gates) as a mtjax.methods.library folder.
 
   An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
@@ -143,8 +144,10 @@ def save_library(library, root, lora):
   lib = disk.Library(root)
   cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
          "targets": list(lora.targets or ())}
+  have = set(e.name for e in lib.list()) if os.path.isdir(root) else set()
   for name, entry in zip(library["names"], library["experts"]):
-    lib.add(name, cfg, entry, task=name, overwrite=True)
+    if name not in have or overwrite:   # existing experts are left as they are
+      lib.add(name, cfg, entry, task=name, overwrite=overwrite)
   return root
 
 
@@ -667,7 +670,6 @@ def setup(config):
 def run(config, workdir):
   """The full pipeline of configs/phatgoose.py; returns the results dict."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   from mtjax import data  # pylint: disable=g-import-not-at-top
   from mtjax.methods import routing_baselines as rb  # pylint: disable=g-import-not-at-top
@@ -767,28 +769,30 @@ def run(config, workdir):
       elif name in ("poly", "mhr", "mhr_mu", "mhr_z"):
         heads = 1 if name == "poly" else config.poly.heads
         key = ("poly_params", heads)
-        pm = rb.PolyLoRA(lora, num_e, config.poly.num_skills, heads)
+        it = _batches(ctx, "held_in", config.seed + 4)
+        plain = {v: k for k, v in reg.names.items()}
+        poly_tasks = [plain.get(n, n) for n in it.task_names]  # mixture order
+        pm = rb.PolyLoRA(lora, len(poly_tasks), config.poly.num_skills, heads)
         if key not in ctx:
           flat, sh = _flat_with_shardings(pm, model, mesh, base,
                                           jax.random.fold_in(rng, 3))
-          it = _batches(ctx, "held_in", config.seed + 4)
-          plain = {v: k for k, v in reg.names.items()}
-          amap = np.array([own[plain.get(n, n)] for n in it.task_names],
-                          np.int32)
-          ctx[key], loss = _Fitter(pm, model, mesh, _opt(config, config.expert_lr),
+          amap = np.arange(len(poly_tasks), dtype=np.int32)
+          ctx[key], loss = _Fitter(pm, model, mesh,
+                                   _opt(config, config.expert_lr),
                                    config.poly.steps, config.seed)(
                                        flat, sh, it, adapter_map=amap)
           _log(f"{'poly' if heads == 1 else 'mhr'}: {config.poly.steps} steps, "
                f"loss {loss:.3f}")
+        poly_own = {t: i for i, t in enumerate(poly_tasks)}   # 'alloc' rows
         pp = ctx[key]
         if name == "mhr_mu":
           fn = lambda t, pp=pp: rb.poly_eval_params(pp, None)
         elif name == "mhr_z":
           fn = lambda t, pp=pp, pm=pm: (
-              rb.poly_eval_params(pp, own[t]) if t in own
+              rb.poly_eval_params(pp, poly_own[t]) if t in poly_own
               else _fit_alloc(ctx, pm, pp, t))
         else:
-          fn = lambda t, pp=pp: rb.poly_eval_params(pp, own.get(t))
+          fn = lambda t, pp=pp: rb.poly_eval_params(pp, poly_own.get(t))
         results[name] = _evaluate(ctx, name, pm, fn, tasks)
       else:
         raise ValueError(f"unknown method {name!r} in config.methods; use "

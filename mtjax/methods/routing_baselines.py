@@ -158,7 +158,10 @@ class PolyLoRA:
         if h_dim % self.heads:
           raise ValueError(f"{mod}: dim {h_dim} not divisible by MHR heads "
                            f"{self.heads}")
-      sk[path] = transform.boxed(x, phatgoose.LOGICAL[leaf](t))
+      # 'adapters' (not in sharding.RULES) keeps the skill axis replicated
+      # under any mesh; the routed library uses 'experts' (see phatgoose).
+      sk[path] = transform.boxed(
+          x, ("adapters",) + phatgoose.LOGICAL[leaf](t)[1:])
       alloc[mod + "/logits"] = jnp.zeros(
           (self.num_tasks, self.num_skills, self.heads))
       alloc_eval[mod + "/logits"] = jnp.zeros((self.num_skills, self.heads))
