@@ -63,7 +63,8 @@ def test_label_init_and_packing_error():
                           "init": "labels", "label_ids": [7, 8]})
   prompt = nn.unbox(method.init(jax.random.key(0), model, base))
   table = prompt_tuning.embedding_table(model, base)
-  np.testing.assert_array_equal(prompt["prompt"]["embedding"][:2], table[jnp.asarray([7, 8])])
+  np.testing.assert_array_equal(prompt["prompt"]["embedding"][:2],
+                                table[jnp.asarray([7, 8])])
   with pytest.raises(ValueError, match="packed"):
     method.apply(model, {"base": base, **prompt},
                  dict(inputs, segment_ids=jnp.ones_like(inputs["input_ids"])))

@@ -94,7 +94,8 @@ class PromptTuning:
       src = library.source_prompt(src)
     src = jnp.asarray(src, jnp.float32)
     if src.ndim != 2 or src.shape[0] < length:
-      raise ValueError(f"init_from prompt has shape {src.shape}; need (P>={length}, d)")
+      raise ValueError(f"init_from prompt has shape {src.shape}; need "
+                       f"(P>={length}, d)")
     return src[:length]
 
   def _initial(self, rng, model, base_params):
@@ -128,7 +129,8 @@ class PromptTuning:
     params = {**params, "prompt": nn.unbox(params["prompt"])}
     return prompted_apply(model, params, inputs,
                           self.prompts(params, inputs.get("adapter_index")),
-                          embedding=self.embedding, scope=self.scope, placeholder_id=self.placeholder_id,
+                          embedding=self.embedding, scope=self.scope,
+                          placeholder_id=self.placeholder_id,
                           rng=rng, deterministic=deterministic, method=method)
 
 
