@@ -1,6 +1,13 @@
-"""Analysis of learned soft-injection head selections (see
-mtjax/methods/soft_injection.py): per-task heatmaps of alpha over (layer, head)
-and the overlap (Jaccard) of the top-k heads between tasks.
+"""Soft injection experiments (mtjax/methods/soft_injection.py; "Soft Injection
+of Task Embeddings Outperforms Prompt-Based In-Context Learning", 2025).
+
+  * analysis: per-task heatmaps of the learned alpha over (layer, head) and
+    the overlap (Jaccard) of the top-k heads between tasks;
+  * the test bed: a small Llama-style decoder trained on the bundled suite in
+    MetaICL format (train_testbed);
+  * prompts, scoring and timed generation shared by the tests, the benchmark
+    and `run_experiment` (the configs/soft_injection.py job), which compares
+    zero-shot, k-shot ICL, soft injection and prompt tuning per task.
 """
 import dataclasses
 import itertools
@@ -43,8 +50,8 @@ def plot_alpha_heatmaps(alphas, path, title="soft-injection alpha"):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   tasks = sorted(alphas)
-  fig, axes = plt.subplots(1, len(tasks), figsize=(2.2 * len(tasks) + 1, 2.8),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(2.2 * len(tasks) + 1, 3.0),
+                           squeeze=False, constrained_layout=True)
   for ax, task in zip(axes[0], tasks):
     a = np.asarray(alphas[task])
     im = ax.imshow(a, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -56,7 +63,7 @@ def plot_alpha_heatmaps(alphas, path, title="soft-injection alpha"):
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="alpha")
   fig.suptitle(title, fontsize=9)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
 
@@ -547,6 +554,9 @@ def run_experiment(config, workdir):
             best_step=extra["best_step"], best_val_loss=extra["best_val_loss"])
     print(task, json.dumps(rows), flush=True)
   table = format_table(results)
+  print("EM: exact match of the greedy answer; 1st: first answer token "
+        "accuracy; NLL: target loss per token; ms/ex: greedy generation time "
+        "per example")
   print(table)
   png, overlap = write_analysis(alphas, workdir, k=config.top_k or None)
   print(overlap)

@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
