@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mtjax import data
 from mtjax.training import trainer
@@ -62,6 +63,17 @@ def score_rows(rows, kind, lengths):
   }
 
 
+def fetch(tree):
+  """Device arrays -> numpy on every process (gathered across processes).
+
+  Every process builds the same evaluation batches (put_global_batch), so
+  every process gets the whole result.
+  """
+  if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _batches(rows, batch_size, mesh):
   """Rows in chunks of batch_size, the last padded with copies of row 0.
 
@@ -97,8 +109,8 @@ def rank_classification(scorer, model, params, examples, lengths, batch_size,
       owner.append(e)
   sums, counts = [], []
   for chunk, n in _batches(rows, batch_size, mesh):
-    batch = trainer.put_batch(score_rows(chunk, kind, lengths), mesh)
-    s, c = jax.device_get(scorer(params, batch))
+    batch = trainer.put_global_batch(score_rows(chunk, kind, lengths), mesh)
+    s, c = fetch(scorer(params, batch))
     sums.append(s[:n])
     counts.append(c[:n])
   sums, counts = np.concatenate(sums), np.concatenate(counts)
@@ -165,10 +177,9 @@ def generate_rows(greedy, model, params, input_ids, lengths, max_new,
       full["decoder_causal_attention"] = feats["decoder_causal_attention"]
     feats.update(full)
     feats["decoder_loss_weights"] = np.ones_like(feats["decoder_loss_weights"])
-    batch = trainer.put_batch(feats, mesh)
-    start = trainer.put_batch({"s": start}, mesh)["s"]
-    ids = np.asarray(jax.device_get(
-        greedy(params, batch, start)))[:n]
+    batch = trainer.put_global_batch(feats, mesh)
+    start = trainer.put_global_batch({"s": start}, mesh)["s"]
+    ids = np.asarray(fetch(greedy(params, batch, start)))[:n]
     for row in ids.tolist():
       outputs.append(row[:row.index(eos_id)] if eos_id in row else row)
   return outputs

@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from mtjax import data
+from mtjax import data, distributed
 from mtjax.evaluation import evaluate, results as results_lib
 from mtjax.models import sharding
 from mtjax.training import checkpoint, metrics, trainer
@@ -126,11 +126,23 @@ def train_and_evaluate(config, workdir):
 def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
                 lengths):
   mesh = s["mesh"]
+  # 'examples': each process reads its own seqio shard (scales to many
+  # hosts; batches depend on the process count). 'rows': every process reads
+  # the whole stream and places only its devices' rows (the same batches for
+  # any number of processes, at the cost of reading everything everywhere).
+  shard_by = config.data.get("shard_by", "examples")
+  if shard_by not in ("examples", "rows"):
+    raise ValueError(f"config.data.shard_by={shard_by!r}: use 'examples' or "
+                     "'rows'")
+  shard, num_shards = distributed.process_shard(mesh)
+  if shard_by == "rows":
+    shard, num_shards = 0, 1
   batches = data.train_batches(
       reg.seqio_name(config.data.mixture), vocab, lengths,
-      config.batch_size // jax.process_count(), kind, seed=config.data.seed,
-      start_step=start, shard_index=jax.process_index(),
-      num_shards=jax.process_count(), pack=config.data.get("pack", False))
+      config.batch_size // num_shards, kind, seed=config.data.seed,
+      start_step=start, shard_index=shard, num_shards=num_shards,
+      pack=config.data.get("pack", False))
+  put = trainer.put_global_batch if shard_by == "rows" else trainer.put_batch
   plain = {v: k for k, v in reg.names.items()}
   task_names = [plain.get(t, t) for t in batches.task_names]
   step_fn = trainer.jit_train_step(
@@ -151,7 +163,7 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
         host = next(batches)
         if adapter_key:
           host["adapter_index"] = host[adapter_key]
-        state, m = step_fn(state, s["frozen"], trainer.put_batch(host, mesh))
+        state, m = step_fn(state, s["frozen"], put(host, mesh))
         done = step + 1
         scalars = None
         if done % log_every == 0 or done == total:
