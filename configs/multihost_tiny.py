@@ -1,8 +1,9 @@
 r"""Seconds-long training for multi-process tests (tests/test_multihost.py).
 
 configs/quickstart.py shrunk: a one-layer byte-level T5 (d_model 32), global
-batch 16, 12 steps, a checkpoint every 3 steps, no evaluation. Run it as
-2 processes x 4 fake CPU devices, or as 1 x 8:
+batch 16, 12 steps, a checkpoint every 3 steps, then generation (copy) and
+rank classification (compare) on 8 examples each. Run it as 2 processes x 4
+fake CPU devices, or as 1 x 8 (same batches: data.shard_by='rows'):
 
   python launch/local.py --num_processes=2 --devices_per_process=4 -- \
       python -m mtjax.main --config=configs/multihost_tiny.py --workdir=/tmp/mh2
@@ -26,7 +27,9 @@ def get_config():
                  d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1,
                  num_decoder_layers=1, feed_forward_proj="gated-gelu",
                  tie_word_embeddings=False, dropout_rate=0.0)
-  c.data.update(inputs_length=32, targets_length=8)
+  # Every process reads the whole stream and keeps its rows: the batches do
+  # not depend on the number of processes (see mtjax/training/train.py).
+  c.data.update(inputs_length=32, targets_length=8, shard_by="rows")
   c.batch_size = 16
   c.num_train_steps = 12
   c.optimizer.update(learning_rate=1e-2, warmup_steps=2)
@@ -34,5 +37,6 @@ def get_config():
   c.log_every = 1
   c.checkpoint_every = 3
   c.keep_checkpoints = 10
-  c.eval.update(groups=(), max_examples=8, batch_size=16, max_new_tokens=4)
+  c.eval.update(groups=("copy", "compare"), max_examples=8, batch_size=16,
+                max_new_tokens=4)
   return c
