@@ -82,6 +82,26 @@ def check_overrides(argv):
             f"the default {default!r}. Valid keys:\n  {listing}") from None
 
 
+# config.job -> "module:function(config, workdir)" that runs it.
+JOBS = {
+    "train": "mtjax.training.train:train_and_evaluate",
+    "library": "mtjax.methods:run_job",
+    "prompt_transfer": "mtjax.methods:run_job",
+    "phatgoose": "mtjax.methods.phatgoose:run",
+    "soft_injection": "mtjax.methods.soft_injection:run",
+}
+
+
+def run_job(config, workdir):
+  """Runs config.job (default 'train') on workdir."""
+  job = config.get("job", "train")
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r} is not a job; use one of "
+                     f"{sorted(JOBS)}")
+  module, function = JOBS[job].split(":")
+  return getattr(importlib.import_module(module), function)(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -94,8 +114,7 @@ def main(argv):
     distributed = None
   if distributed is not None and hasattr(distributed, "maybe_initialize"):
     distributed.maybe_initialize(_CONFIG.value)
-  from mtjax.training import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  run_job(_CONFIG.value, _WORKDIR.value)
 
 
 def run():

@@ -11,7 +11,7 @@ Every method follows one contract (see transform.py for the mechanism):
   method.trainable   # regex over '/'-joined param paths, e.g. 'lora/.*'
 
 Methods: 'full' (full fine-tuning), 'lora', 'ia3', 'prompt_tuning',
-'multitask_prompt'. library.py holds the expert library, PEFT interchange,
+'multitask_prompt', 'soft_injection' (soft_injection.py). library.py holds the expert library, PEFT interchange,
 adapter-only checkpoints and the multi-run jobs: `run_job(config, workdir)`
 runs config.job 'library' (one expert per task) or 'prompt_transfer'.
 """
@@ -58,9 +58,12 @@ def build(method_config, model=None):
   name = cfg.get("name", "full")
   if name == "full":
     return _full()
+  if name == "soft_injection":
+    from mtjax.methods import soft_injection  # pylint: disable=g-import-not-at-top
+    return soft_injection.build(cfg)
   if name not in _CLASSES:
     raise ValueError(f"method.name={name!r}: use one of "
-                     f"{['full'] + sorted(_CLASSES)}")
+                     f"{['full', 'soft_injection'] + sorted(_CLASSES)}")
   unknown = sorted(set(cfg) - set(_KWARGS[name]) - set(_JOB_KEYS))
   if unknown:
     raise ValueError(f"method {name!r} has no option(s) {unknown}; known: "
