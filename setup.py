@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "clu==0.0.12",
+    "tensorboard>=2.20",
     "safetensors==0.8.0",
     "sentencepiece==0.2.3",
     "tokenizers==0.23.3",
@@ -23,6 +24,7 @@ INSTALL_REQUIRES = [
 ]
 TEST_REQUIRES = [
     "pytest>=8",
+    "pytest-xdist>=3.6",
     "torch==2.13.0",
     "transformers==5.24.0",
     "peft==0.21.2",

@@ -16,8 +16,8 @@ from mtjax.methods import soft_injection as si
 from mtjax.models import decoder
 
 HELD_OUT = ("is_palindrome", "add_compare")
-K_SHOT_MARGIN = 0.08  # measured on CPU: 0.165 (mean of both tasks)
-INJECTION_MARGIN = 0.13  # measured on CPU: 0.262
+K_SHOT_MARGIN = 0.02  # measured on CPU: 0.039 (mean of both tasks)
+INJECTION_MARGIN = 0.16  # measured on CPU: 0.330
 SHOTS = 3
 MAX_LEN = 128
 

@@ -106,10 +106,12 @@ class TestBed:
 
 
 def _random_labels(rng, n):
-  words = set()
+  # A dict keeps draw order: a set's order would follow PYTHONHASHSEED and make
+  # the test bed differ from one process to the next.
+  words = {}
   while len(words) < n:
-    words.add("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"),
-                                 size=rng.integers(2, 6))))
+    words["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"),
+                             size=rng.integers(2, 6)))] = None
   return list(words)
 
 
