@@ -1,12 +1,12 @@
 r"""PHATGOOSE and its baselines on the bundled suite, end to end.
 
 Muqeeth et al. 2024 (arXiv:2402.05859). One command runs the whole pipeline
-(mtjax.methods.phatgoose.run): a small byte-level T5 base (trained here on the
+(mtjax.methods.phatgoose.run): a small byte-level base (trained here on the
 held-in mixture, or loaded from model.hf_path), one rank-16 LoRA expert on every
-encoder and decoder linear layer per held-in task, 100 steps of gate training
-per expert, then every method in `methods` on held-in and held-out tasks. It
-prints one table (rows methods, columns tasks + averages), the PHATGOOSE
-own-expert routing rate per layer, and writes to WORKDIR:
+linear layer per held-in task, 100 steps of gate training per expert, then
+every method in `methods` on held-in and held-out tasks. It prints one table
+(rows methods, columns tasks + averages), the PHATGOOSE own-expert routing rate
+per layer, and writes to WORKDIR (a workdir holding an earlier run is refused):
   phatgoose_results.json   results, averages, routing diagnostics per method
                            (entropy per layer, oracle agreement, load)
   routing_choices.npz      per-token, per-module PHATGOOSE choices
@@ -17,21 +17,45 @@ own-expert routing rate per layer, and writes to WORKDIR:
 (or python -m mtjax.main with the same flags, where main dispatches
 config.job == 'phatgoose' to mtjax.methods.phatgoose.run).
 
-Default sizes finish in about 10 minutes on 2 CPU cores.
+The base is a 2-layer Llama-style decoder by default; `configs/phatgoose.py:t5`
+uses the paper's encoder-decoder T5 (LoRA on every encoder and decoder linear
+layer) at the same width. On 2 CPU cores a T5 this small learns none of the
+copy-like held-in tasks in the step budget (exact match 0 on copy, reverse,
+uppercase after 1500 steps), so its table says little; the decoder does learn
+them, which is why it is the default here. Reuse a trained library with
+--config.library_dir=OLD_WORKDIR/library (same base settings and seed).
 """
 import ml_collections
 
 
-def get_config():
+def get_config(arch="llama"):
   c = ml_collections.ConfigDict()
   c.job = "phatgoose"
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(
-      hf_path="", arch="t5", dtype="float32",
-      vocab_size=259, d_model=64, d_kv=16, num_heads=4, d_ff=128,
-      num_layers=2, num_decoder_layers=2, feed_forward_proj="relu",
-      tie_word_embeddings=False, dropout_rate=0.0,
-      relative_attention_num_buckets=32, relative_attention_max_distance=64))
+  if arch == "llama":
+    # Decoder-only default: with 1500 steps on 2 CPU cores this base learns
+    # the held-in formats (parity 1.00, compare 0.95 exact) where a T5 of the
+    # same size still copies nothing (exact match 0.00 on copy/reverse).
+    c.model = ml_collections.ConfigDict(dict(
+        hf_path="", arch="llama", dtype="float32", vocab_size=259,
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=0, eos_token_id=1))
+    targets = (r"model/layers_.*",)
+  elif arch == "t5":
+    # The paper's architecture (T5 LM-adapted): LoRA on every encoder and
+    # decoder linear layer.
+    c.model = ml_collections.ConfigDict(dict(
+        hf_path="", arch="t5", dtype="float32",
+        vocab_size=259, d_model=64, d_kv=16, num_heads=4, d_ff=128,
+        num_layers=2, num_decoder_layers=2, feed_forward_proj="relu",
+        tie_word_embeddings=False, dropout_rate=0.0,
+        relative_attention_num_buckets=32, relative_attention_max_distance=64))
+    targets = (r"(encoder|decoder)/.*",)
+  else:
+    raise ValueError(f"phatgoose arch {arch!r}: use 'llama' or 't5' "
+                     "(--config=configs/phatgoose.py:t5)")
   c.data = ml_collections.ConfigDict(dict(
       vocab="byte", inputs_length=64, targets_length=16))
   c.held_in = ()    # () = the suite's held-in tasks (one expert each)
@@ -42,12 +66,12 @@ def get_config():
       name="adamw", learning_rate=3e-3, warmup_steps=0, decay="constant",
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
   # Base: full fine-tuning on base_mixture (0 steps: keep the init / hf_path).
-  c.base_steps = 600
+  c.base_steps = 1500
   c.base_lr = 3e-3
   c.base_mixture = "held_in"
-  # Experts: LoRA rank 16 on every encoder and decoder linear layer (paper).
+  # Experts: LoRA rank 16 on every linear layer of the model (paper).
   c.expert = ml_collections.ConfigDict(dict(
-      rank=16, alpha=16.0, targets=(r"(encoder|decoder)/.*",)))
+      rank=16, alpha=16.0, targets=targets))
   c.expert_steps = 200
   c.expert_lr = 3e-3
   c.gate_steps = 100   # paper: 100

@@ -19,7 +19,7 @@ def _config():
   spec = importlib.util.spec_from_file_location("_pg_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = mod.get_config("t5")   # the paper's architecture
   c.model.update(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1,
                  num_decoder_layers=1)
   c.held_in = HELD_IN
@@ -129,3 +129,12 @@ def test_task_level_and_retrieval_baselines_run(trained):
   batches, _ = pg._eval_inputs(ctx, "copy", 8)  # pylint: disable=protected-access
   cen = rb.centroids(ctx["model"], ctx["base"], [[b] for b in [batches[0]] * num_e])
   assert cen.shape == (num_e, ctx["model"].config.d_model)
+
+
+def test_run_refuses_a_workdir_with_an_earlier_run(tmp_path):
+  (tmp_path / "phatgoose_results.json").write_text('{"kept": 1}')
+  with pytest.raises(FileExistsError, match="library_dir"):
+    pg.run(_config(), str(tmp_path))
+  assert (tmp_path / "phatgoose_results.json").read_text() == '{"kept": 1}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "phatgoose_results.json"]

@@ -676,6 +676,7 @@ def run(config, workdir):
   from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
 
   t_start = time.time()
+  _check_workdir(workdir, config)
   os.makedirs(workdir, exist_ok=True)
   ctx = setup(config)
   mesh, model, base, lora = ctx["mesh"], ctx["model"], ctx["base"], ctx["lora"]
@@ -833,6 +834,22 @@ def run(config, workdir):
     _log(f"FAILED {name}: {err}")
   _log(f"total {time.time() - t_start:.0f}s; results in {workdir}")
   return out
+
+
+def _check_workdir(workdir, config):
+  """Refuses to overwrite an earlier run's results or library."""
+  done = [f for f in ("phatgoose_results.json", "library")
+          if os.path.exists(os.path.join(workdir, f))]
+  lib_dir = config.get("library_dir") or ""
+  if lib_dir and os.path.abspath(lib_dir) == os.path.abspath(
+      os.path.join(workdir, "library")):
+    done = [f for f in done if f != "library"]   # reusing it on purpose
+  if done:
+    raise FileExistsError(
+        f"{workdir} already holds a PHATGOOSE run ({', '.join(done)}); "
+        "nothing was changed. Use a new --workdir, or reuse its experts and "
+        f"gates with --config.library_dir={os.path.join(workdir, 'library')} "
+        "and a new --workdir.")
 
 
 def _fit_alloc(ctx, poly, params, task):
