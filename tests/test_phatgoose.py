@@ -138,3 +138,15 @@ def test_run_refuses_a_workdir_with_an_earlier_run(tmp_path):
   assert (tmp_path / "phatgoose_results.json").read_text() == '{"kept": 1}'
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "phatgoose_results.json"]
+
+
+def test_composing_share_sums_the_loads_of_the_composed_skills():
+  held_in = ["copy", "reverse", "uppercase", "add"]
+  loads = {"reverse_uppercase": {"L0": np.array([0.1, 0.5, 0.2, 0.2]),
+                                 "L1": np.array([0.0, 0.25, 0.25, 0.5])}}
+  diag = {"reverse_uppercase": {}}
+  pg._composing_share(diag, loads, held_in, ["reverse_uppercase"])  # pylint: disable=protected-access
+  got = diag["reverse_uppercase"]
+  assert got["composes"] == ["reverse", "uppercase"]
+  np.testing.assert_allclose(
+      [got["composing_share_by_layer"][k] for k in ("L0", "L1")], [0.7, 0.5])

@@ -724,6 +724,7 @@ def run(config, workdir):
           diag[name], loads = diagnostics(ctx, m, lambda t, p=p: p, tasks, own,
                                           num_e)
           if name == "phatgoose":
+            _composing_share(diag[name], loads, held_in, held_out)
             ho_loads = {t: loads[t] for t in held_out}
             plot["path"] = plot_routing(
                 ho_loads, held_in, os.path.join(workdir, "routing_held_out.png"),
@@ -828,12 +829,34 @@ def run(config, workdir):
       _log(f"  {t}: " + " ".join(
           f"{k}={v:.2f}" for k, v in diag["phatgoose"][t][
               "top1_own_by_layer"].items()))
+  if "phatgoose" in diag:
+    for t in held_out:
+      share = diag["phatgoose"][t].get("composing_share_by_layer")
+      if share:
+        parts = diag["phatgoose"][t]["composes"]
+        _log(f"  held-out {t}: share of routed tokens on {'+'.join(parts)} "
+             f"(chance {len(parts) / num_e:.2f}): " +
+             " ".join(f"{k}={v:.2f}" for k, v in share.items()))
   if plot:
     _log(f"routing plot: {plot['path']}")
   for name, err in errors.items():
     _log(f"FAILED {name}: {err}")
   _log(f"total {time.time() - t_start:.0f}s; results in {workdir}")
   return out
+
+
+def _composing_share(diag, loads, held_in, held_out):
+  """Held-out tasks of the bundled suite compose held-in skills
+  (data.suite.COMPOSES): the share of routed slots on those skills' experts,
+  per layer, next to its chance level len(parts) / E."""
+  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
+  for t in held_out:
+    parts = [p for p in suite.COMPOSES.get(t, ()) if p in held_in]
+    if parts:
+      idx = [held_in.index(p) for p in parts]
+      diag[t]["composes"] = parts
+      diag[t]["composing_share_by_layer"] = {
+          layer: float(np.asarray(v)[idx].sum()) for layer, v in loads[t].items()}
 
 
 def _check_workdir(workdir, config):
