@@ -84,8 +84,9 @@ def get_config(arch="llama"):
   c.retrieval_batches = 2
   c.poly = ml_collections.ConfigDict(dict(
       num_skills=4, heads=4, steps=400, z_steps=30, z_lr=1e-1))
+  c.task_gate = ml_collections.ConfigDict(dict(steps=200, lr=1e-2))
   c.methods = ("base,multitask,oracle,uniform,merged,arrow,phatgoose,"
-               "task_gate,retrieval,poly,mhr,mhr_mu,mhr_z")
+               "task_gate,task_avg,retrieval,poly,mhr,mhr_mu,mhr_z")
   c.diagnostics_examples = 64
   c.continue_on_error = False  # True: log a failing method and go on
   c.library_dir = ""  # load experts+gates from here (mtjax.methods.library)

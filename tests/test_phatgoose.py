@@ -150,3 +150,44 @@ def test_composing_share_sums_the_loads_of_the_composed_skills():
   assert got["composes"] == ["reverse", "uppercase"]
   np.testing.assert_allclose(
       [got["composing_share_by_layer"][k] for k in ("L0", "L1")], [0.7, 0.5])
+
+
+def test_learned_task_gate_trains_only_its_logits_and_selects_experts(trained):
+  ctx, lib = trained
+  num_e = len(HELD_IN)
+  stacked = pg.stack_library(lib)
+  model, mesh, base = ctx["model"], ctx["mesh"], ctx["base"]
+  with sharding.use_mesh(mesh):
+    it = pg._batches(ctx, "held_in", 0)  # pylint: disable=protected-access
+    gate = rb.TaskGateRouting(ctx["lora"], stacked, len(it.task_names), top_k=1)
+    flat, sh = pg._flat_with_shardings(gate, model, mesh, base, jax.random.key(0))  # pylint: disable=protected-access
+    fit = pg._Fitter(gate, model, mesh, pg._opt(ctx["config"], 1e-1), 5, 0)  # pylint: disable=protected-access
+    params, _ = fit(flat, sh, it,
+                    adapter_map=np.arange(len(it.task_names), dtype=np.int32))
+  before, after = flat, transform.flatten(params)
+  for path, x in before.items():
+    moved = np.abs(np.asarray(after[path]) - np.asarray(x)).max() > 0
+    assert moved == path.endswith("task_logits"), path
+  # The defining property: a task row that puts all mass on expert j routes
+  # every token to j, exactly what the fixed one-hot router does.
+  j = 2
+  def one_hot_row(path, x):
+    if path[-1].key != "task_logits":
+      return x
+    return jax.numpy.zeros((1, num_e)).at[0, j].set(30.0)
+  chosen = dict(params, experts=jax.tree_util.tree_map_with_path(
+      one_hot_row, params["experts"]))
+  fixed = pg.RoutedLoRA(ctx["lora"], "fixed", top_k=1)
+  fixed_params = pg.routed_params(base, stacked, "fixed",
+                                  weights=rb.one_hot(j, num_e))
+  batches, _ = pg._eval_inputs(ctx, "copy", 8)  # pylint: disable=protected-access
+  with sharding.use_mesh(mesh):
+    got = gate.apply(model, chosen, batches[0])
+    want = fixed.apply(model, fixed_params, batches[0])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # Zero-shot rows are the mean of the trained rows.
+  mean = rb.task_gate_eval_params(params, None)
+  path = next(p for p in transform.flatten(params) if p.endswith("task_logits"))
+  np.testing.assert_allclose(
+      np.asarray(transform.flatten(mean)[path])[0],
+      np.asarray(transform.flatten(params)[path]).mean(0), rtol=1e-6)

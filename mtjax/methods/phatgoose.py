@@ -747,6 +747,22 @@ def run(config, workdir):
           res[t] = best
         results[name] = res
       elif name == "task_gate":
+        it = _batches(ctx, "held_in", config.seed + 6)
+        plain = {v: k for k, v in reg.names.items()}
+        rows = [plain.get(n, n) for n in it.task_names]   # mixture order
+        m = rb.TaskGateRouting(lora, stacked, len(rows), config.top_k,
+                               config.impl)
+        flat, sh = _flat_with_shardings(m, model, mesh, base, rng)
+        p, loss = _Fitter(m, model, mesh, _opt(config, config.task_gate.lr),
+                          config.task_gate.steps, config.seed)(
+                              flat, sh, it,
+                              adapter_map=np.arange(len(rows), dtype=np.int32))
+        _log(f"task_gate: {config.task_gate.steps} steps, loss {loss:.3f}")
+        row = {t: i for i, t in enumerate(rows)}
+        results[name] = _evaluate(
+            ctx, name, m,
+            lambda t, p=p: rb.task_gate_eval_params(p, row.get(t)), tasks)
+      elif name == "task_avg":
         mp, pp = routed("phatgoose", config.top_k)
         m, _ = routed("fixed", config.top_k, weights=np.ones(num_e))
         def task_params(t, mp=mp, pp=pp):
@@ -799,8 +815,8 @@ def run(config, workdir):
       else:
         raise ValueError(f"unknown method {name!r} in config.methods; use "
                          "base, multitask, oracle, uniform, merged, arrow, "
-                         "phatgoose, task_gate, retrieval, poly, mhr, mhr_mu, "
-                         "mhr_z")
+                         "phatgoose, task_gate, task_avg, retrieval, poly, "
+                         "mhr, mhr_mu, mhr_z")
 
     for name in methods:
       t0 = time.time()

@@ -11,7 +11,14 @@ All but Poly/MHR reuse one stacked LoRA library and `phatgoose.RoutedLoRA`:
               Building and Reusing a Library of LoRAs", arXiv:2405.11157):
               per token, |<x, u_e>| with u_e the top singular vector of expert
               e's update, softmax over the top k.
-  task_gate   task-level gating: PHATGOOSE's per-token routing probabilities
+  task_gate   learned task-level gating, as task-level MoE (Kudugunta et al.
+              2021, "Beyond Distillation: Task-level Mixture-of-Experts",
+              arXiv:2110.03742) routes: one learned logit vector per task
+              and module picks the top-k experts for every token of that
+              task's examples (`TaskGateRouting`); trained on the held-in
+              mixture with the experts frozen. A held-out task has no learned
+              row: it uses the mean of the held-in rows (zero-shot).
+  task_avg    task-level PHATGOOSE: its per-token routing probabilities
               averaged over all tokens of a task's inputs, then one fixed top-k
               mixture per module for the whole task (`task_level_weights`).
   retrieval   per-example retrieval by example centroid (after Jang et al.
@@ -36,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.methods import phatgoose, transform
+from mtjax.methods import phatgoose, routing, transform
 
 
 def one_hot(index, num_experts):
@@ -60,6 +67,83 @@ def task_level_weights(records, inputs, num_experts, top_k):
     w[keep] = load[keep] / max(load[keep].sum(), 1e-9)
     out[path] = w
   return out
+
+
+class TaskGateRouting(phatgoose.RoutedLoRA):
+  """Learned task-level gating over a frozen stacked library.
+
+  params: {'base', 'experts': {path: {'lora_a': (E, d, r), 'lora_b': (E, r,
+  o), 'task_logits': (T, E)}}}; only 'task_logits' is trained. With
+  inputs['adapter_index'] (B,) (training) each example mixes all E experts
+  with softmax(task_logits[task]), so every expert's logit gets a gradient
+  (top-k from zero logits would never leave its first k); without it
+  (evaluation) row 0 of task_logits is used, top-k renormalised
+  (`task_gate_eval_params` puts a task's row, or the mean row, there).
+  """
+  trainable = r"experts/.*/task_logits"
+  name = "task_gate"
+
+  def __init__(self, lora, stacked, num_tasks, top_k=2, impl="auto"):
+    super().__init__(lora, "fixed", top_k=top_k, impl=impl)
+    self.stacked, self.num_tasks = stacked, int(num_tasks)
+
+  def init(self, rng, model, base_params=None):
+    del rng, base_params
+    targets = transform.linear_modules(transform.abstract_params(model))
+    out = {}
+    for path, x in transform.flatten(self.stacked).items():
+      mod, leaf = path.rsplit("/", 1)
+      if leaf in ("lora_a", "lora_b"):
+        # 'adapters' (no sharding rule): replicated, like PolyLoRA's skills.
+        out[path] = transform.boxed(
+            x, ("adapters",) + phatgoose.LOGICAL[leaf](targets[mod])[1:])
+        if leaf == "lora_a":
+          out[mod + "/task_logits"] = transform.boxed(
+              jnp.zeros((self.num_tasks, x.shape[0]), jnp.float32),
+              (None, "adapters"))
+    return {"experts": transform.nest(out)}
+
+  def hook(self, next_fun, x, leaf, ctx, task=None, records=None):
+    y = next_fun(x)
+    dtype = ctx.module.dtype
+    a, b, logits = leaf["lora_a"], leaf["lora_b"], leaf["task_logits"]
+    num_e = a.shape[0]
+    rows = logits[task] if task is not None else logits[:1]     # (B|1, E)
+    k = num_e if task is not None else min(self.top_k, num_e)
+    vals, idx = jax.lax.top_k(jax.nn.softmax(rows.astype(jnp.float32)), k)
+    w = vals / vals.sum(-1, keepdims=True)
+    h = x.reshape(-1, x.shape[-1]).astype(dtype)
+    reps = h.shape[0] // idx.shape[0]
+    idx, w = jnp.repeat(idx, reps, 0).astype(jnp.int32), jnp.repeat(w, reps, 0)
+    # Training mixes all E experts: the dense product is that mixture.
+    impl = "dense" if task is not None else self.impl
+    delta = routing.apply_experts(h, a, b, idx, w, impl)
+    if records is not None:
+      records[ctx.path] = {"idx": idx.reshape(x.shape[:-1] + (k,)),
+                           "w": w.reshape(x.shape[:-1] + (k,))}
+    delta = delta.reshape(y.shape[:-1] + (-1,)) * self.lora.scale
+    return y + delta.astype(y.dtype)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None, records=None):
+    task = inputs.get("adapter_index")
+    inputs = transform.model_kwargs(inputs)
+    icpt = transform.linear_interceptor(
+        params["experts"],
+        lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task, records),
+        None, rng, deterministic)
+    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
+                         deterministic=deterministic, method=method)
+
+
+def task_gate_eval_params(params, task=None):
+  """params whose task_logits is one row: a trained task's, or the mean."""
+  def row(path, x):
+    if not path[-1].key == "task_logits":
+      return x
+    return (x[task] if task is not None else x.mean(0))[None]
+  return dict(params, experts=jax.tree_util.tree_map_with_path(
+      row, params["experts"]))
 
 
 # ---------------------------------------------------------------- retrieval
