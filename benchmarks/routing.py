@@ -15,6 +15,7 @@ and prints one table with routed/base and dense/base, plus the library size.
   python benchmarks/routing.py --pairs=8:1,64:2 --batch=2
 """
 import argparse
+import functools
 import statistics
 import time
 
@@ -33,19 +34,21 @@ T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
                 feed_forward_proj="relu", tie_word_embeddings=True)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _normal(key, shape, scale, dtype):
+  return (jax.random.normal(key, shape) * scale).astype(dtype)
+
+
 def random_library(model, lora, num_e, dtype, seed=0):
   """Stacked {path: lora_a, lora_b, gate} with random (trained-looking) values."""
   targets = lora._targets(model)   # pylint: disable=protected-access
   out = {}
   for i, (path, t) in enumerate(sorted(targets.items())):
     d, o = t.shape
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    ka, kb, kg = jax.random.split(key, 3)
-    make = jax.jit(lambda k, shape, s: (jax.random.normal(k, shape) * s
-                                        ).astype(dtype), static_argnums=(1,))
-    out[path] = {"lora_a": make(ka, (num_e, d, lora.rank), d ** -0.5),
-                 "lora_b": make(kb, (num_e, lora.rank, o), 0.02),
-                 "gate": make(kg, (num_e, d), 1.0)}
+    ka, kb, kg = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), 3)
+    out[path] = {"lora_a": _normal(ka, (num_e, d, lora.rank), d ** -0.5, dtype),
+                 "lora_b": _normal(kb, (num_e, lora.rank, o), 0.02, dtype),
+                 "gate": _normal(kg, (num_e, d), 1.0, dtype)}
   return transform.nest(out)
 
 
