@@ -7,8 +7,8 @@ forward (median of --reps runs after a warm-up; --reps_large from E >= 1024)
 of
   base    the model alone, re-timed beside every row (fair on a shared box),
   routed  per-token PHATGOOSE top-k routing with sort-and-segment application
-          (routing.apply_experts; impl 'auto' = 'grouped' on CPU, 'ragged' on
-          GPU/TPU; --impl=grouped,blocked adds one row per impl),
+          (routing.apply_experts; impl 'auto' = 'grouped', 'ragged' on TPU;
+          --impl=grouped,blocked adds one row per impl),
   dense   the all-experts reference (impl 'dense'), skipped when its
           (tokens, E, d_out) intermediate exceeds --dense_max_gb,
 and prints one table with routed/base and dense/base, plus the library size.

@@ -12,7 +12,7 @@ r, k experts per token.
 Per-token top-k must not cost O(E) expert applications. `apply_experts`
 therefore sorts the N*k (token, expert) assignments by expert and applies each
 expert only to its own tokens:
-  * 'grouped' (default off TPU/GPU): a capacity layout (E, C, d), C about
+  * 'grouped' (default off TPU): a capacity layout (E, C, d), C about
     1.25 N*k/E (static), filled with each expert's first C assignments; one
     batched matmul per factor reads every expert's weights once, in place.
     Assignments beyond capacity (skewed routing: in a T5 with random gates a
@@ -25,10 +25,12 @@ expert only to its own tokens:
     work. Compute grows with k, not E, but copying factors per block makes it
     2-3x slower than 'grouped' on CPU.
   * 'ragged': the same sort followed by `jax.lax.ragged_dot` (grouped matmul).
-    In jax 0.10 ragged_dot lowers to a native grouped kernel on TPU and GPU
-    (`chlo.ragged_dot`, or Pallas/Triton on GPU), but on CPU it falls back to
-    `_ragged_dot_general_impl`, which masks a dense (E, M, d) copy: O(E) work.
-    Hence 'auto' picks 'ragged' on GPU/TPU and 'grouped' on CPU.
+    It lowers to a native grouped kernel on TPU (`chlo.ragged_dot`). On CPU it
+    falls back to `_ragged_dot_general_impl`, which masks a dense (E, M, d)
+    copy: O(E) work; measured on an H100 with jax 0.11.2 the GPU lowering is
+    that dense form too (a Triton gemm over f32[M, E, d], 64 GiB at E=1024 in
+    benchmarks/routing.py; 83x the base forward at E=256 where 'grouped' is
+    15x). Hence 'auto' picks 'ragged' on TPU only and 'grouped' elsewhere.
   * 'dense': every expert on every token, then the weighted sum; the
     reference the others are tested against (O(E) memory and compute).
 Routing scores are O(E*d) per token by nature (one dot product per expert).
@@ -261,7 +263,7 @@ IMPLS = ("auto", "grouped", "blocked", "ragged", "dense")
 
 
 def default_impl():
-  return "ragged" if jax.default_backend() in ("gpu", "tpu") else "grouped"
+  return "ragged" if jax.default_backend() == "tpu" else "grouped"
 
 
 def apply_experts(h, a, b, idx, w, impl="auto", block=None):
