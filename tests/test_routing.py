@@ -20,7 +20,7 @@ def _rand(seed, num_e, n=40, d=24, r=4, o=20):
 
 @pytest.mark.parametrize("num_e", [4, 64])
 @pytest.mark.parametrize("k", [1, 2])
-def test_grouped_equals_dense(num_e, k):
+def test_blocked_and_ragged_equal_dense(num_e, k):
   h, a, b, gates = _rand(num_e * 10 + k, num_e)
   idx, w = routing.top_k(routing.phatgoose_logits(h, gates), k)
   ref = routing.apply_dense(h, a, b, idx, w)
@@ -73,6 +73,25 @@ def test_grouped_exact_under_skew(num_e, k, kind):
     out = jax.jit(lambda *x, kw=kw: routing.apply_grouped(*x, **kw))(
         h, a, b, idx, w)
     assert _max_rel_err(out, ref) < 1e-5, kw
+
+
+@pytest.mark.parametrize("impl", ["grouped", "blocked"])
+def test_gradients_through_grouped_application_equal_dense(impl):
+  """Training through routing (e.g. fixed weights, routers) needs reverse mode,
+  also on the overflow path (tiny capacity: many loop trips)."""
+  h, a, b, gates = _rand(5, 8, n=64)
+  idx, w = routing.top_k(routing.phatgoose_logits(h, gates), 2)
+  idx = _skewed("one_expert", idx, 8)
+  kw = dict(capacity=8, block=4, trip_rows=8) if impl == "grouped" else {}
+  fn = routing.apply_grouped if impl == "grouped" else routing.apply_blocked
+  def loss(f, h, a, b, w):
+    return jnp.sum(jnp.sin(f(h, a, b, idx, w)))
+  got = jax.jit(jax.grad(lambda *x: loss(lambda *y: fn(*y, **kw), *x),
+                         argnums=(0, 1, 2, 3)))(h, a, b, w)
+  want = jax.grad(lambda *x: loss(routing.apply_dense, *x),
+                  argnums=(0, 1, 2, 3))(h, a, b, w)
+  for g, r in zip(got, want):
+    assert _max_rel_err(g, r) < 1e-5
 
 
 def test_grouped_with_experts_sharded_over_8_devices():

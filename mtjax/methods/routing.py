@@ -16,9 +16,10 @@ expert only to its own tokens:
     1.25 N*k/E (static), filled with each expert's first C assignments; one
     batched matmul per factor reads every expert's weights once, in place.
     Assignments beyond capacity (skewed routing: in a T5 with random gates a
-    handful of experts often take most tokens) go through a while loop over
-    per-expert blocks whose trip count is the actual overflow, so the result
-    is exact for any load and balanced loads cost one pass.
+    handful of experts often take most tokens) go through a loop over
+    per-expert blocks that skips the trips the actual overflow does not need,
+    so the result is exact for any load, balanced loads cost one pass, and
+    gradients flow (static loop bounds).
   * 'blocked': the sorted assignments are padded per expert to a multiple of
     `block` rows, so every block of rows belongs to one expert; one batched
     matmul over blocks (gathering that block's expert factors) does all the
@@ -183,9 +184,10 @@ def apply_grouped(h, a, b, idx, w, capacity=None, block=64, trip_rows=None):
   one batched matmul reads every expert's factors once, in place (no copies).
   Assignments beyond an expert's capacity (skewed routing) are laid out like
   'blocked' (per-expert blocks of `block` rows, each block with a copy of its
-  expert's factors) and processed by a while loop, `trip_rows` rows per trip,
-  only as many trips as the actual overflow needs: balanced loads cost one
-  pass and the worst case (every token on one expert) stays exact.
+  expert's factors) and processed by a loop, `trip_rows` rows per trip; trips
+  beyond the actual overflow are skipped (lax.cond), so balanced loads cost
+  one pass, the worst case (every token on one expert) stays exact, and the
+  function is reverse-differentiable (static loop bounds).
   """
   n, k = idx.shape
   num_e, d, _ = a.shape
@@ -233,17 +235,21 @@ def apply_grouped(h, a, b, idx, w, capacity=None, block=64, trip_rows=None):
       num_e - 1)
   trips = (pends[-1] // block + chunk - 1) // chunk
 
-  def body(carry):
-    i, acc = carry
+  def trip(i, acc):
     tok = jax.lax.dynamic_slice(ov_token, (i * chunk * block,), (chunk * block,))
     wt = jax.lax.dynamic_slice(ov_w, (i * chunk * block,), (chunk * block,))
     ex = jax.lax.dynamic_slice(block_expert, (i * chunk,), (chunk,))
     yo = _expert_matmuls(rows_of_h(tok).reshape(chunk, block, d), a[ex], b[ex],
                          wt.reshape(chunk, block))
     # padding rows have token n: out of bounds, dropped
-    return i + 1, acc.at[tok].add(yo.reshape(-1, o), mode="drop")
+    return acc.at[tok].add(yo.reshape(-1, o), mode="drop")
 
-  return jax.lax.while_loop(lambda c: c[0] < trips, body, (0, out))[1]
+  # A loop with static bounds (reverse-differentiable, unlike a while loop
+  # with a data-dependent trip count); trips past the actual overflow are
+  # skipped by the cond, so they cost only the test.
+  return jax.lax.fori_loop(
+      0, max_blocks // chunk,
+      lambda i, acc: jax.lax.cond(i < trips, trip, lambda _, x: x, i, acc), out)
 
 
 def apply_ragged(h, a, b, idx, w):
