@@ -191,3 +191,23 @@ def test_learned_task_gate_trains_only_its_logits_and_selects_experts(trained):
   np.testing.assert_allclose(
       np.asarray(transform.flatten(mean)[path])[0],
       np.asarray(transform.flatten(params)[path]).mean(0), rtol=1e-6)
+
+
+def test_retrieval_embedding_ignores_unfilled_generation_slots():
+  """Greedy decoding passes a decoder-only model its whole buffer with an
+  all-ones attention mask; slots not yet generated hold padding (id 0)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
+  cfg = decoder.config_from_hf(dict(
+      model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32,
+      num_hidden_layers=1, num_attention_heads=2, pad_token_id=0))
+  model = decoder.Model(cfg)
+  ids = np.zeros((1, 4), np.int32)
+  params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+  prompt = np.array([[5, 9, 12, 7]], np.int32)
+  buffer = np.concatenate([prompt, np.zeros((1, 6), np.int32)], 1)
+  want = rb.example_embedding(model, params, dict(
+      input_ids=prompt, attention_mask=np.ones_like(prompt)))
+  got = rb.example_embedding(model, params, dict(
+      input_ids=buffer, attention_mask=np.ones_like(buffer)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)

@@ -155,8 +155,11 @@ def example_embedding(model, base, inputs):
   embeddings (the model exposes no hidden-state API).
   """
   ids = inputs["input_ids"]
-  mask = inputs.get("attention_mask")
-  mask = (ids != model.config.pad_token_id) if mask is None else mask > 0
+  mask = ids != model.config.pad_token_id
+  if inputs.get("attention_mask") is not None:
+    # Greedy decoding of a decoder-only model attends over its whole buffer,
+    # not yet filled slots included: those hold padding and must not pool.
+    mask = mask & (inputs["attention_mask"] > 0)
   mask = mask.astype(jnp.float32)
   if model.config.is_encoder_decoder:
     h = model.apply({"params": base}, ids, mask.astype(jnp.int32),
