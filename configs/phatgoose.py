@@ -24,6 +24,7 @@ copy-like held-in tasks in the step budget (exact match 0 on copy, reverse,
 uppercase after 1500 steps), so its table says little; the decoder does learn
 them, which is why it is the default here. Reuse a trained library with
 --config.library_dir=OLD_WORKDIR/library (same base settings and seed).
+The default run takes about 20 minutes on 2 CPU cores (1180 s measured).
 """
 import ml_collections
 
