@@ -22,8 +22,9 @@ uses the paper's encoder-decoder T5 (LoRA on every encoder and decoder linear
 layer) at the same width. On 2 CPU cores a T5 this small learns none of the
 copy-like held-in tasks in the step budget (exact match 0.000 on copy and
 uppercase, 0.016 on reverse after 1500 steps), so its table says little;
-the decoder does learn them, which is why it is the default here. Reuse a trained library with
---config.library_dir=OLD_WORKDIR/library (same base settings and seed).
+the decoder does learn them, which is why it is the default here. Reuse a
+trained library with --config.library_dir=OLD_WORKDIR/library (same base
+settings and seed).
 The default run takes about 20 minutes on 2 CPU cores (1180 s measured).
 """
 import ml_collections
