@@ -228,13 +228,18 @@ class RoutedLoRA:
       logits = routing.arrow_logits(h, leaf["proto"])
     else:   # fixed: per-example weights from the inputs, else per-module ones
       wts = leaf["weights"][None] if example_weights is None else example_weights
-      vals, idx = jax.lax.top_k(wts.astype(jnp.float32), k)   # (B or 1, k)
-      w = vals / jnp.maximum(vals.sum(-1, keepdims=True), 1e-9)
-      reps = h.shape[0] // idx.shape[0]
-      return (jnp.repeat(idx, reps, 0).astype(jnp.int32),
-              jnp.repeat(w, reps, 0), None)
+      return fixed_choices(wts, k, h.shape[0]) + (None,)
     idx, w = routing.top_k(logits, k)
     return idx, w, logits
+
+  def routing_inputs(self, inputs):
+    """What `route` receives as example_weights, taken from the inputs."""
+    return inputs.get("expert_weights")
+
+  def impl_for(self, example_weights):
+    """The routing.apply_experts impl of one call."""
+    del example_weights
+    return self.impl
 
   def hook(self, next_fun, x, leaf, ctx, example_weights=None, records=None):
     y = next_fun(x)
@@ -247,7 +252,8 @@ class RoutedLoRA:
       delta = (h @ a.mean(0).astype(dtype)) @ b.mean(0).astype(dtype)
     else:
       idx, w, logits = self.route(h, leaf, example_weights, x.shape[0])
-      delta = routing.apply_experts(h, a, b, idx, w, self.impl)
+      delta = routing.apply_experts(h, a, b, idx, w,
+                                    self.impl_for(example_weights))
       if records is not None:
         rec = {"idx": idx.reshape(x.shape[:-1] + idx.shape[-1:]),
                "w": w.reshape(x.shape[:-1] + w.shape[-1:])}
@@ -260,7 +266,7 @@ class RoutedLoRA:
   def apply(self, model, params, inputs, *, rng=None, deterministic=True,
             method=None, records=None):
     """Logits; when `records` is a dict it receives per-module routing."""
-    example_weights = inputs.get("expert_weights")
+    example_weights = self.routing_inputs(inputs)
     inputs = transform.model_kwargs(inputs)
 
     def hook(next_fun, x, leaf, ctx):
@@ -269,6 +275,15 @@ class RoutedLoRA:
                                         deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
                          deterministic=deterministic, method=method)
+
+
+def fixed_choices(weights, k, num_tokens):
+  """Top k of per-example (B, E) or shared (1, E) weights, renormalised and
+  repeated for each example's tokens: idx (N, k) int32, w (N, k)."""
+  vals, idx = jax.lax.top_k(weights.astype(jnp.float32), k)
+  w = vals / jnp.maximum(vals.sum(-1, keepdims=True), 1e-9)
+  reps = num_tokens // idx.shape[0]
+  return jnp.repeat(idx, reps, 0).astype(jnp.int32), jnp.repeat(w, reps, 0)
 
 
 def routed_params(base, stacked, strategy, weights=None):
@@ -461,6 +476,14 @@ def _batches(ctx, name, seed):
   return data.train_batches(ctx["reg"].seqio_name(name), ctx["vocab"],
                             ctx["lengths"], ctx["config"].batch_size,
                             ctx["kind"], seed=seed)
+
+
+def _mixture(ctx, seed):
+  """Held-in mixture batches and its task names in mixture order (the
+  'task_index' of each row indexes this list)."""
+  it = _batches(ctx, "held_in", seed)
+  plain = {v: k for k, v in ctx["reg"].names.items()}
+  return it, [plain.get(n, n) for n in it.task_names]
 
 
 def _eval_inputs(ctx, task, max_examples):
@@ -680,8 +703,7 @@ def run(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   ctx = setup(config)
   mesh, model, base, lora = ctx["mesh"], ctx["model"], ctx["base"], ctx["lora"]
-  held_in, held_out, reg, rng = (ctx["held_in"], ctx["held_out"], ctx["reg"],
-                                 ctx["rng"])
+  held_in, held_out, rng = ctx["held_in"], ctx["held_out"], ctx["rng"]
   kind = ctx["kind"]
   methods = [m for m in config.methods.split(",") if m]
   results, diag, errors, plot = {}, {}, {}, {}
@@ -747,9 +769,7 @@ def run(config, workdir):
           res[t] = best
         results[name] = res
       elif name == "task_gate":
-        it = _batches(ctx, "held_in", config.seed + 6)
-        plain = {v: k for k, v in reg.names.items()}
-        rows = [plain.get(n, n) for n in it.task_names]   # mixture order
+        it, rows = _mixture(ctx, config.seed + 6)
         m = rb.TaskGateRouting(lora, stacked, len(rows), config.top_k,
                                config.impl)
         flat, sh = _flat_with_shardings(m, model, mesh, base, rng)
@@ -787,9 +807,7 @@ def run(config, workdir):
       elif name in ("poly", "mhr", "mhr_mu", "mhr_z"):
         heads = 1 if name == "poly" else config.poly.heads
         key = ("poly_params", heads)
-        it = _batches(ctx, "held_in", config.seed + 4)
-        plain = {v: k for k, v in reg.names.items()}
-        poly_tasks = [plain.get(n, n) for n in it.task_names]  # mixture order
+        it, poly_tasks = _mixture(ctx, config.seed + 4)
         pm = rb.PolyLoRA(lora, len(poly_tasks), config.poly.num_skills, heads)
         if key not in ctx:
           flat, sh = _flat_with_shardings(pm, model, mesh, base,

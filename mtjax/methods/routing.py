@@ -246,7 +246,7 @@ def apply_grouped(h, a, b, idx, w, capacity=None, block=64, trip_rows=None):
 
   # A loop with static bounds (reverse-differentiable, unlike a while loop
   # with a data-dependent trip count); trips past the actual overflow are
-  # skipped by the cond, so they cost only the test.
+  # skipped by the cond.
   return jax.lax.fori_loop(
       0, max_blocks // chunk,
       lambda i, acc: jax.lax.cond(i < trips, trip, lambda _, x: x, i, acc), out)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.methods import phatgoose, routing, transform
+from mtjax.methods import phatgoose, transform
 
 
 def one_hot(index, num_experts):
@@ -103,37 +103,20 @@ class TaskGateRouting(phatgoose.RoutedLoRA):
               (None, "adapters"))
     return {"experts": transform.nest(out)}
 
-  def hook(self, next_fun, x, leaf, ctx, task=None, records=None):
-    y = next_fun(x)
-    dtype = ctx.module.dtype
-    a, b, logits = leaf["lora_a"], leaf["lora_b"], leaf["task_logits"]
-    num_e = a.shape[0]
-    rows = logits[task] if task is not None else logits[:1]     # (B|1, E)
-    k = num_e if task is not None else min(self.top_k, num_e)
-    vals, idx = jax.lax.top_k(jax.nn.softmax(rows.astype(jnp.float32)), k)
-    w = vals / vals.sum(-1, keepdims=True)
-    h = x.reshape(-1, x.shape[-1]).astype(dtype)
-    reps = h.shape[0] // idx.shape[0]
-    idx, w = jnp.repeat(idx, reps, 0).astype(jnp.int32), jnp.repeat(w, reps, 0)
-    # Training mixes all E experts: the dense product is that mixture.
-    impl = "dense" if task is not None else self.impl
-    delta = routing.apply_experts(h, a, b, idx, w, impl)
-    if records is not None:
-      records[ctx.path] = {"idx": idx.reshape(x.shape[:-1] + (k,)),
-                           "w": w.reshape(x.shape[:-1] + (k,))}
-    delta = delta.reshape(y.shape[:-1] + (-1,)) * self.lora.scale
-    return y + delta.astype(y.dtype)
+  def routing_inputs(self, inputs):
+    return inputs.get("adapter_index")   # (B,) task rows, or None
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None, records=None):
-    task = inputs.get("adapter_index")
-    inputs = transform.model_kwargs(inputs)
-    icpt = transform.linear_interceptor(
-        params["experts"],
-        lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task, records),
-        None, rng, deterministic)
-    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+  def impl_for(self, task):
+    # Training mixes all E experts: the dense product is that mixture.
+    return "dense" if task is not None else self.impl
+
+  def route(self, h, leaf, task, batch):
+    logits = leaf["task_logits"]
+    rows = logits[task] if task is not None else logits[:1]     # (B|1, E)
+    num_e = logits.shape[-1]
+    k = num_e if task is not None else min(self.top_k, num_e)
+    probs = jax.nn.softmax(rows.astype(jnp.float32), axis=-1)
+    return phatgoose.fixed_choices(probs, k, h.shape[0]) + (None,)
 
 
 def task_gate_eval_params(params, task=None):
