@@ -42,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtjax.methods import lora as lora_lib
-from mtjax.methods import phatgoose as pg
-from mtjax.methods import routing
+from mtjax.experiments import phatgoose as pg
+from mtjax.routing import experts as ex
+from mtjax.routing import routed as routed_lib
+from mtjax.routing import kernels as routing
 from mtjax.methods import transform
 from mtjax.models import t5
 
@@ -142,12 +144,12 @@ def main():
     dtype = jnp.bfloat16 if (args.expert_dtype == "bfloat16"
                              or num_e >= args.bf16_from) else jnp.float32
     stacked = random_library(model, lora, num_e, dtype)
-    size_gb = pg._size_mb(stacked) / 1024   # pylint: disable=protected-access
-    params = pg.routed_params(base, stacked, "phatgoose")
+    size_gb = pg.size_mb(stacked) / 1024   # pylint: disable=protected-access
+    params = routed_lib.routed_params(base, stacked, "phatgoose")
     for k in [kk for e, kk in pairs if e == num_e]:
       dense_txt = None
       for impl in impls:
-        routed = pg.RoutedLoRA(lora, "phatgoose", top_k=k, impl=impl)
+        routed = routed_lib.build_router("phatgoose", lora, top_k=k, impl=impl)
         fn = jax.jit(lambda p, i, m=routed: m.apply(model, p, i))
         t_routed = time_fn(fn, (params, inputs), reps)
         # base re-timed beside each row: ratios stay fair on a shared machine
@@ -156,7 +158,7 @@ def main():
           # dense intermediate: tokens x E x d_out (largest d_out: d_ff)
           dense_gb = tokens * num_e * T5_SMALL["d_ff"] * 4 / 2**30
           if dense_gb <= args.dense_max_gb:
-            dense = pg.RoutedLoRA(lora, "phatgoose", top_k=k, impl="dense")
+            dense = routed_lib.build_router("phatgoose", lora, top_k=k, impl="dense")
             dfn = jax.jit(lambda p, i, m=dense: m.apply(model, p, i))
             t_dense = time_fn(dfn, (params, inputs), reps)
             dense_txt = f"{t_dense * 1e3:9.1f} {t_dense / t_base:7.2f}"

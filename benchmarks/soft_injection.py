@@ -20,7 +20,7 @@ import numpy as np
 
 from mtjax import data
 from mtjax.data import suite
-from mtjax.evaluation import soft_injection_analysis as sa
+from mtjax.experiments import soft_injection as sa
 from mtjax.methods import soft_injection as si
 
 

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from mtjax.models import sharding
+from mtjax.methods import full
 from mtjax.training import trainer
 
 MODEL = dict(hf_path="", arch="t5", dtype="float32", vocab_size=32128,
@@ -75,7 +76,7 @@ def main():
   mesh = sharding.make_mesh((-1, 1, 1))
   cfg = ml_collections.ConfigDict(dict(MODEL, dtype=args.dtype))
   model, base = trainer.build_model(cfg, jax.random.key(0), mesh)
-  method = trainer.FullFineTuning()
+  method = full.FullFineTuning()
   flat, sh = trainer.init_params(model, method, jax.random.key(1), mesh, base)
   params, frozen = trainer.split_trainable(flat, method.trainable)
   tx, _ = trainer.make_optimizer(ml_collections.ConfigDict(dict(

@@ -1,7 +1,7 @@
 r"""PHATGOOSE and its baselines on the bundled suite, end to end.
 
 Muqeeth et al. 2024 (arXiv:2402.05859). One command runs the whole pipeline
-(mtjax.methods.phatgoose.run): a small byte-level base (trained here on the
+(mtjax.experiments.phatgoose.run): a small byte-level base (trained here on the
 held-in mixture, or loaded from model.hf_path), one rank-16 LoRA expert on every
 linear layer per held-in task, 100 steps of gate training per expert, then
 every method in `methods` on held-in and held-out tasks. It prints one table
@@ -12,10 +12,9 @@ per layer, and writes to WORKDIR (a workdir holding an earlier run is refused):
   routing_choices.npz      per-token, per-module PHATGOOSE choices
   routing_held_out.png     experts used by each held-out task, by layer
 
-  python -m mtjax.methods.phatgoose --config=configs/phatgoose.py \
-      --workdir=workdirs/phatgoose
-(or python -m mtjax.main with the same flags, where main dispatches
-config.job == 'phatgoose' to mtjax.methods.phatgoose.run).
+  python -m mtjax.main --config=configs/phatgoose.py --workdir=workdirs/phatgoose
+(main dispatches config.job == 'phatgoose' to mtjax.experiments.phatgoose.run;
+--config.only=base,phatgoose runs some rows only).
 
 The base is a 2-layer Llama-style decoder by default; `configs/phatgoose.py:t5`
 uses the paper's encoder-decoder T5 (LoRA on every encoder and decoder linear
@@ -83,16 +82,22 @@ def get_config(arch="llama"):
 
   # Routing.
   c.top_k = 2          # paper: 2
-  c.impl = "auto"      # blocked (CPU) | ragged (GPU/TPU) | dense
+  c.impl = "auto"      # grouped (CPU/GPU) | ragged (TPU) | blocked | dense
   c.retrieval_batches = 2
   c.poly = ml_collections.ConfigDict(dict(
       num_skills=4, heads=4, steps=400, z_steps=30, z_lr=1e-1))
   c.task_gate = ml_collections.ConfigDict(dict(steps=200, lr=1e-2))
-  c.methods = ("base,multitask,oracle,uniform,merged,arrow,phatgoose,"
-               "task_gate,task_avg,retrieval,poly,mhr,mhr_mu,mhr_z")
+  # Rows of the table: {'name': row label, 'kind': what runs it (default:
+  # the name: an experiment step, a registered router or a registered
+  # method), **its options}; see mtjax/experiments/phatgoose.py. A sweep is
+  # more entries, e.g. dict(name="phatgoose_k4", kind="phatgoose", top_k=4).
+  c.methods = tuple(dict(name=n) for n in (
+      "base", "multitask", "oracle", "uniform", "merged", "arrow", "phatgoose",
+      "task_gate", "task_avg", "retrieval", "poly", "mhr", "mhr_mu", "mhr_z"))
+  c.only = ""   # comma-separated row names to run (default: all)
   c.diagnostics_examples = 64
   c.continue_on_error = False  # True: log a failing method and go on
-  c.library_dir = ""  # load experts+gates from here (mtjax.methods.library)
+  c.library_dir = ""  # load experts+gates from here (an expert library)
 
   c.mesh_shape = (-1, 1, 1)
   c.eval = ml_collections.ConfigDict(dict(

@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtjax import distributed, experiments
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -82,24 +84,14 @@ def check_overrides(argv):
             f"the default {default!r}. Valid keys:\n  {listing}") from None
 
 
-# config.job -> "module:function(config, workdir)" that runs it.
-JOBS = {
-    "train": "mtjax.training.train:train_and_evaluate",
-    "library": "mtjax.methods:run_job",
-    "prompt_transfer": "mtjax.methods:run_job",
-    "phatgoose": "mtjax.methods.phatgoose:run",
-    "soft_injection": "mtjax.methods.soft_injection:run",
-}
-
-
-def run_job(config, workdir):
-  """Runs config.job (default 'train') on workdir."""
+def run_job(config, workdir: str):
+  """Runs config.job (default 'train') on workdir; jobs are registered by
+  the experiment modules (mtjax.experiments.JOBS)."""
   job = config.get("job", "train")
-  if job not in JOBS:
+  if job not in experiments.JOBS:
     raise ValueError(f"config.job={job!r} is not a job; use one of "
-                     f"{sorted(JOBS)}")
-  module, function = JOBS[job].split(":")
-  return getattr(importlib.import_module(module), function)(config, workdir)
+                     f"{experiments.JOBS.names()}")
+  return experiments.JOBS.get(job)(config, workdir)
 
 
 def main(argv):
@@ -108,12 +100,7 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("both --config=configs/NAME.py and --workdir=DIR "
                          "are required")
-  try:
-    from mtjax import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    distributed = None
-  if distributed is not None and hasattr(distributed, "maybe_initialize"):
-    distributed.maybe_initialize(_CONFIG.value)
+  distributed.maybe_initialize(_CONFIG.value)
   run_job(_CONFIG.value, _WORKDIR.value)
 
 

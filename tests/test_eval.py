@@ -10,6 +10,7 @@ import pytest
 import mtjax.models
 from mtjax.evaluation import evaluate, results
 from mtjax.models import sharding
+from mtjax.methods import full
 from mtjax.training import trainer
 
 TINY = {
@@ -65,7 +66,7 @@ def _reference_loglik(model, params, inputs, target):
 def test_rank_scores_match_unbatched_reference(arch):
   model, params, mesh = _model(arch)
   exs = _examples(n=4)
-  scorer = evaluate.make_scorer(trainer.FullFineTuning(), model)
+  scorer = evaluate.make_scorer(full.FullFineTuning(), model)
   rows = [(e["input_ids"], c) for e in exs for c in e["choice_ids"]]
   kind = trainer.model_kind(model)
   padded = rows
@@ -92,7 +93,7 @@ def test_rank_scores_match_unbatched_reference(arch):
 def test_greedy_without_cache_matches_kv_cache_generate(arch):
   model, params, mesh = _model(arch)
   exs = _examples(n=3, seed=1)
-  greedy = evaluate.make_greedy(trainer.FullFineTuning(), model, 5)
+  greedy = evaluate.make_greedy(full.FullFineTuning(), model, 5)
   with sharding.use_mesh(mesh):
     outs = evaluate.generate_rows(greedy, model, params,
                                   [e["input_ids"] for e in exs], LENGTHS, 5,

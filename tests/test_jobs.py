@@ -1,10 +1,9 @@
 """Every config in configs/ names a job that mtjax.main can dispatch."""
-import importlib
 import pathlib
 
 import pytest
 
-from mtjax import main
+from mtjax import experiments, main
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 
@@ -13,9 +12,9 @@ CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 def test_config_job_resolves_to_a_function(path):
   config = main._load_config(str(path))  # pylint: disable=protected-access
   job = config.get("job", "train")
-  assert job in main.JOBS, f"{path.name}: job {job!r} not in mtjax.main.JOBS"
-  module, function = main.JOBS[job].split(":")
-  assert callable(getattr(importlib.import_module(module), function))
+  assert job in experiments.JOBS, (
+      f"{path.name}: job {job!r} not in {experiments.JOBS.names()}")
+  assert callable(experiments.JOBS.get(job))
 
 
 def test_unknown_job_is_refused(tmp_path):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtjax.methods import library, lora, transform
+from mtjax.methods import adapters, library, lora, transform
 from test_lora import init_base, jitted, model_inputs, randomize_b, tiny_llama
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -61,7 +61,7 @@ def test_load_round_trip_and_stack_serves_mixed_batch(tmp_path):
   for k, v in transform.flatten(trees[1]).items():
     np.testing.assert_array_equal(transform.flatten(loaded)[k], np.asarray(v))
   assert lib.get("e1").info["base_model"]["fingerprint"] == \
-      library.fingerprint(base)
+      adapters.fingerprint(base)
   stacked_cfg, stacked = lib.stack(["e2", "e0", "e1"])
   assert stacked_cfg["num_experts"] == 3
   stacked_method = lora.LoRA(rank=4, alpha=8, num_experts=3)
@@ -82,10 +82,10 @@ def test_orbax_adapter_checkpoint_and_init_from(tmp_path):
   base = init_base(model, inputs)
   method = lora.LoRA(rank=4, alpha=8)
   params = randomize_b(nn.unbox(method.init(jax.random.key(0), model)))
-  library.save_adapter(tmp_path / "adapter", {"base": base, **params},
+  adapters.save_adapter(tmp_path / "adapter", {"base": base, **params},
                        {"name": "lora", "rank": 4, "alpha": 8.0})
   # Only the adapter is saved, not the base.
-  assert sorted(library.load_adapter(tmp_path / "adapter")) == ["lora"]
+  assert sorted(adapters.load_adapter(tmp_path / "adapter")) == ["lora"]
   resumed = lora.LoRA(rank=4, alpha=8, init_from=str(tmp_path / "adapter"))
   restored = nn.unbox(resumed.init(jax.random.key(9), model))
   apply = jitted(method, model)
@@ -112,7 +112,8 @@ def test_lora_expert_beats_its_base_on_held_out_examples(tmp_path):
   100 validation examples (never in train). Base = the same run with 0 steps
   (a fresh LoRA leaves the base unchanged). Margin: +0.1 accuracy.
   """
-  from mtjax.training import train  # pylint: disable=g-import-not-at-top
+  from mtjax.experiments import library as library_job  # pylint: disable=g-import-not-at-top
+  from mtjax.experiments import train  # pylint: disable=g-import-not-at-top
   c = _config("lora_expert")
   with c.unlocked():
     c.model.update(d_model=64, d_kv=16, d_ff=128)
@@ -123,7 +124,7 @@ def test_lora_expert_beats_its_base_on_held_out_examples(tmp_path):
     c.batch_size = 16
     c.optimizer.learning_rate = 1e-2
     c.eval.max_examples = 100
-  lib = library.train_library(c, str(tmp_path))
+  lib = library_job.train_library(c, str(tmp_path))
   (expert,) = lib.list()
   trained = expert.info["metrics"]["accuracy"]
   with c.unlocked():

@@ -172,7 +172,8 @@ def test_trainer_updates_only_lora_and_keeps_no_base_optimizer_state(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   from mtjax import data  # pylint: disable=g-import-not-at-top
-  from mtjax.training import train, trainer  # pylint: disable=g-import-not-at-top
+  from mtjax.experiments import train
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(__file__).resolve().parents[1] / "configs/lora_expert.py"
   spec = importlib.util.spec_from_file_location("lora_expert", path)
   module = importlib.util.module_from_spec(spec)
@@ -192,14 +193,8 @@ def test_trainer_updates_only_lora_and_keeps_no_base_optimizer_state(tmp_path):
   batches = data.train_batches(reg.seqio_name("parity"), vocab,
                                {"inputs": 64, "targets": 16}, 8,
                                trainer.model_kind(s["model"]), seed=0)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(s["method"], s["model"], s["tx"], 1),
-      s["state_sh"], s["frozen_sh"], s["mesh"])
-  state = s["state"]
   with sharding.use_mesh(s["mesh"]):
-    for _ in range(2):
-      state, metrics = step(state, s["frozen"],
-                            trainer.put_batch(next(batches), s["mesh"]))
+    state, metrics = s["fitter"].run(s["state"], s["frozen"], batches, stop=2)
   assert np.isfinite(float(metrics["loss"]))
   for k, v in s["frozen"].items():
     np.testing.assert_array_equal(np.asarray(v), frozen_before[k])

@@ -1,13 +1,18 @@
 """PHATGOOSE end to end on the bundled suite: gate training, library, routing."""
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from mtjax.methods import phatgoose as pg
-from mtjax.methods import routing_baselines as rb
+from mtjax.experiments import phatgoose as pg
 from mtjax.methods import transform
 from mtjax.models import sharding
+from mtjax.routing import baselines as rb
+from mtjax.routing import experts as ex
+from mtjax.routing import routed
+from mtjax.training import trainer
 
 HELD_IN = ("copy", "add", "sentiment", "parity")
 
@@ -37,10 +42,10 @@ def _config():
 @pytest.fixture(scope="module")
 def trained():
   cfg = _config()
-  ctx = pg.setup(cfg)
-  with sharding.use_mesh(ctx["mesh"]):
-    lib = pg.train_library(ctx, ctx["base"], ctx["lora"], jax.random.key(1))
-  return ctx, lib
+  run = pg.setup(cfg)
+  with sharding.use_mesh(run.mesh):
+    lib = pg.train_library(run, jax.random.key(1))
+  return run, lib
 
 
 def test_gates_are_trained_and_stored_per_expert(trained):
@@ -54,48 +59,47 @@ def test_gates_are_trained_and_stored_per_expert(trained):
 
 def test_adding_an_expert_leaves_other_gates_untouched(trained, tmp_path):
   ctx, lib = trained
-  pg.save_library(lib, str(tmp_path), ctx["lora"])
+  ex.save_library(lib, str(tmp_path), ctx.lora)
   files = {p: p.read_bytes() for p in sorted(tmp_path.glob("*/*.safetensors"))}
   assert len(files) == len(HELD_IN)
   before = [jax.tree.map(np.array, e["gate"]) for e in lib["experts"]]
-  stacked_before = jax.tree.map(np.array, pg.stack_library(lib))
+  stacked_before = jax.tree.map(np.array, ex.stack_library(lib))
   # Train one more expert and its gates the same way, then add it.
-  ctx2 = dict(ctx, held_in=["reverse"])
-  with sharding.use_mesh(ctx["mesh"]):
-    extra = pg.train_library(ctx2, ctx["base"], ctx["lora"], jax.random.key(9))
-  grown = pg.add_expert(lib, "reverse", extra["experts"][0]["lora"],
+  ctx2 = dataclasses.replace(ctx, held_in=["reverse"])
+  with sharding.use_mesh(ctx.mesh):
+    extra = pg.train_library(ctx2, jax.random.key(9))
+  grown = ex.add_expert(lib, "reverse", extra["experts"][0]["lora"],
                         extra["experts"][0]["gate"])
   assert grown["names"] == list(HELD_IN) + ["reverse"]
   for old, new in zip(before, grown["experts"][:len(before)]):
     for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(new["gate"])):
       np.testing.assert_array_equal(x, np.asarray(y))
-  stacked = pg.stack_library(grown)
+  stacked = ex.stack_library(grown)
   for x, y in zip(jax.tree.leaves(stacked_before), jax.tree.leaves(stacked)):
     assert y.shape[0] == x.shape[0] + 1
     np.testing.assert_array_equal(x, np.asarray(y)[:-1])
   # On disk (mtjax.methods.library): the new expert is one new folder; the
   # others' files are byte-identical and load back bitwise.
-  pg.save_library(grown, str(tmp_path), ctx["lora"])
+  ex.save_library(grown, str(tmp_path), ctx.lora)
   for p, data in files.items():
     assert p.read_bytes() == data
-  loaded = pg.load_library(str(tmp_path), grown["names"])
-  for x, y in zip(jax.tree.leaves(pg.stack_library(grown)),
-                  jax.tree.leaves(pg.stack_library(loaded))):
+  loaded = ex.load_library(str(tmp_path), grown["names"])
+  for x, y in zip(jax.tree.leaves(ex.stack_library(grown)),
+                  jax.tree.leaves(ex.stack_library(loaded))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="already"):
-    pg.add_expert(grown, "reverse", extra["experts"][0]["lora"])
+    ex.add_expert(grown, "reverse", extra["experts"][0]["lora"])
 
 
 def test_phatgoose_routes_held_in_tokens_to_their_own_expert(trained):
   ctx, lib = trained
   num_e = len(HELD_IN)
-  stacked = pg.stack_library(lib)
-  method = pg.RoutedLoRA(ctx["lora"], "phatgoose", top_k=2)
-  params = pg.routed_params(ctx["base"], stacked, "phatgoose")
-  own = {t: i for i, t in enumerate(HELD_IN)}
-  with sharding.use_mesh(ctx["mesh"]):
-    diag, loads = pg.diagnostics(ctx, method, lambda t: params, list(HELD_IN),
-                                 own, num_e)
+  stacked = ex.stack_library(lib)
+  method = routed.build_router("phatgoose", ctx.lora, top_k=2)
+  params = routed.routed_params(ctx.base, stacked, "phatgoose")
+  with sharding.use_mesh(ctx.mesh):
+    diag, loads = pg.diagnostics(ctx, pg.Recorder(ctx, method),
+                                 lambda t: params, list(HELD_IN), num_e)
   rates = []
   for task in HELD_IN:
     per_layer = diag[task]["top1_own_by_layer"]
@@ -117,18 +121,18 @@ def test_phatgoose_routes_held_in_tokens_to_their_own_expert(trained):
 def test_task_level_and_retrieval_baselines_run(trained):
   ctx, lib = trained
   num_e = len(HELD_IN)
-  stacked = pg.stack_library(lib)
-  pm = pg.RoutedLoRA(ctx["lora"], "phatgoose", top_k=2)
-  pp = pg.routed_params(ctx["base"], stacked, "phatgoose")
-  with sharding.use_mesh(ctx["mesh"]):
-    recs, _ = pg._route_records(ctx, pm, pp, "add", 16)  # pylint: disable=protected-access
+  stacked = ex.stack_library(lib)
+  pm = routed.build_router("phatgoose", ctx.lora, top_k=2)
+  pp = routed.routed_params(ctx.base, stacked, "phatgoose")
+  with sharding.use_mesh(ctx.mesh):
+    recs, _ = pg.Recorder(ctx, pm)(pp, "add", 16)
   w = rb.task_level_weights([r for r, _ in recs], [i for _, i in recs],
                             num_e, 2)
   for v in w.values():
     assert (v > 0).sum() <= 2 and abs(v.sum() - 1) < 1e-5
-  batches, _ = pg._eval_inputs(ctx, "copy", 8)  # pylint: disable=protected-access
-  cen = rb.centroids(ctx["model"], ctx["base"], [[b] for b in [batches[0]] * num_e])
-  assert cen.shape == (num_e, ctx["model"].config.d_model)
+  batches, _ = pg.eval_inputs(ctx, "copy", 8)
+  cen = rb.centroids(ctx.model, ctx.base, [[b] for b in [batches[0]] * num_e])
+  assert cen.shape == (num_e, ctx.model.config.d_model)
 
 
 def test_run_refuses_a_workdir_with_an_earlier_run(tmp_path):
@@ -145,7 +149,7 @@ def test_composing_share_sums_the_loads_of_the_composed_skills():
   loads = {"reverse_uppercase": {"L0": np.array([0.1, 0.5, 0.2, 0.2]),
                                  "L1": np.array([0.0, 0.25, 0.25, 0.5])}}
   diag = {"reverse_uppercase": {}}
-  pg._composing_share(diag, loads, held_in, ["reverse_uppercase"])  # pylint: disable=protected-access
+  pg.composing_share(diag, loads, held_in, ["reverse_uppercase"])
   got = diag["reverse_uppercase"]
   assert got["composes"] == ["reverse", "uppercase"]
   np.testing.assert_allclose(
@@ -155,15 +159,14 @@ def test_composing_share_sums_the_loads_of_the_composed_skills():
 def test_learned_task_gate_trains_only_its_logits_and_selects_experts(trained):
   ctx, lib = trained
   num_e = len(HELD_IN)
-  stacked = pg.stack_library(lib)
-  model, mesh, base = ctx["model"], ctx["mesh"], ctx["base"]
+  stacked = ex.stack_library(lib)
+  model, mesh, base = ctx.model, ctx.mesh, ctx.base
   with sharding.use_mesh(mesh):
-    it = pg._batches(ctx, "held_in", 0)  # pylint: disable=protected-access
-    gate = rb.TaskGateRouting(ctx["lora"], stacked, len(it.task_names), top_k=1)
-    flat, sh = pg._flat_with_shardings(gate, model, mesh, base, jax.random.key(0))  # pylint: disable=protected-access
-    fit = pg._Fitter(gate, model, mesh, pg._opt(ctx["config"], 1e-1), 5, 0)  # pylint: disable=protected-access
-    params, _ = fit(flat, sh, it,
-                    adapter_map=np.arange(len(it.task_names), dtype=np.int32))
+    it = pg.batches(ctx, "held_in", 0)
+    gate = rb.TaskGateRouting(ctx.lora, stacked, len(it.task_names), top_k=1)
+    flat, _ = trainer.init_params(model, gate, jax.random.key(0), mesh, base)
+    params, _ = pg.fit_method(ctx, gate, base, jax.random.key(0), 1e-1, 5, it,
+                              by_task=True)
   before, after = flat, transform.flatten(params)
   for path, x in before.items():
     moved = np.abs(np.asarray(after[path]) - np.asarray(x)).max() > 0
@@ -177,10 +180,10 @@ def test_learned_task_gate_trains_only_its_logits_and_selects_experts(trained):
     return jax.numpy.zeros((1, num_e)).at[0, j].set(30.0)
   chosen = dict(params, experts=jax.tree_util.tree_map_with_path(
       one_hot_row, params["experts"]))
-  fixed = pg.RoutedLoRA(ctx["lora"], "fixed", top_k=1)
-  fixed_params = pg.routed_params(base, stacked, "fixed",
+  fixed = routed.build_router("fixed", ctx.lora, top_k=1)
+  fixed_params = routed.routed_params(base, stacked, "fixed",
                                   weights=rb.one_hot(j, num_e))
-  batches, _ = pg._eval_inputs(ctx, "copy", 8)  # pylint: disable=protected-access
+  batches, _ = pg.eval_inputs(ctx, "copy", 8)
   with sharding.use_mesh(mesh):
     got = gate.apply(model, chosen, batches[0])
     want = fixed.apply(model, fixed_params, batches[0])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mtjax import methods
-from mtjax.methods import prompt_tuning
+from mtjax.methods import adapters, prompt_tuning
 from test_lora import init_base, jitted, model_inputs, tiny_llama, tiny_t5
 
 P = 4
@@ -111,31 +111,32 @@ def train_losses(config, workdir, steps, every=5):
   """Loss after each `every` steps through mtjax.training (no eval)."""
   from mtjax import data  # pylint: disable=g-import-not-at-top
   from mtjax.models import sharding  # pylint: disable=g-import-not-at-top
-  from mtjax.training import train, trainer  # pylint: disable=g-import-not-at-top
-  s = train.setup(config, workdir)
+  from mtjax.experiments import train  # pylint: disable=g-import-not-at-top
+  from mtjax.training import trainer  # pylint: disable=g-import-not-at-top
   vocab = data.vocabulary(config.data.vocab)
   reg = data.register(vocab)
+  name = reg.seqio_name(config.data.mixture)
+  s = train.setup(config, workdir, num_tasks=len(data.task_names(name, vocab)))
   batches = data.train_batches(
-      reg.seqio_name(config.data.mixture), vocab,
-      {"inputs": config.data.inputs_length,
-       "targets": config.data.targets_length}, config.batch_size,
+      name, vocab, {"inputs": config.data.inputs_length,
+                    "targets": config.data.targets_length}, config.batch_size,
       trainer.model_kind(s["model"]), seed=config.data.seed)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(s["method"], s["model"], s["tx"],
-                              len(batches.task_names)),
-      s["state_sh"], s["frozen_sh"], s["mesh"])
   key = (config.method.get("adapter_index_from") or "")
-  state, losses, window = s["state"], [], []
+  losses, window = [], []
+
+  def prepare(host):
+    if key:
+      host["adapter_index"] = host[key]
+    return host
+
+  def on_step(done, state, m):
+    window.append(float(m["loss"]))
+    if done % every == 0:
+      losses.append(float(np.mean(window)))
+      window.clear()
   with sharding.use_mesh(s["mesh"]):
-    for i in range(steps):
-      host = next(batches)
-      if key:
-        host["adapter_index"] = host[key]
-      state, m = step(state, s["frozen"], trainer.put_batch(host, s["mesh"]))
-      window.append(float(m["loss"]))
-      if (i + 1) % every == 0:
-        losses.append(float(np.mean(window)))
-        window = []
+    state, _ = s["fitter"].run(s["state"], s["frozen"], batches, stop=steps,
+                               prepare=prepare, on_step=on_step)
   params = trainer.unflatten({**state["params"], **s["frozen"]})
   return losses, params
 
@@ -163,7 +164,7 @@ def test_prompt_transfer_converges_faster_than_vocab_init(tmp_path):
     src.method = c.transfer.source_method
     src.data.mixture = "held_in"
   _, source = train_losses(src, str(tmp_path / "source"), 60)
-  library.save_adapter(tmp_path / "source_prompt", source)
+  adapters.save_adapter(tmp_path / "source_prompt", source)
   curves = {}
   for init in ("vocab", "transfer"):
     t = c.copy_and_resolve_references()

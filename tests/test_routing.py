@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from mtjax.methods import lora as lora_lib
-from mtjax.methods import phatgoose as pg
-from mtjax.methods import routing
+from mtjax.routing import diagnostics
+from mtjax.routing import routed as routed_lib
+from mtjax.routing import experts as ex
+from mtjax.routing import kernels as routing
 from mtjax.models import sharding, t5
 
 
@@ -101,7 +103,7 @@ def test_grouped_with_experts_sharded_over_8_devices():
   idx, w = routing.top_k(routing.phatgoose_logits(h, gates), 2)
   idx = _skewed("half_unused", idx, 16)
   want = routing.apply_dense(h, a, b, idx, w)
-  mesh = pg.expert_mesh(8)
+  mesh = ex.expert_mesh(8)
   spec = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("experts", None, None))
   a_s, b_s = jax.device_put(a, spec), jax.device_put(b, spec)
@@ -162,8 +164,8 @@ def tiny():
 
 
 def _library(model, lora, num_e):
-  lib = pg.new_library()
-  gate_shapes = nn.unbox(pg.GateTraining(lora).init_gates(model))
+  lib = ex.new_library()
+  gate_shapes = nn.unbox(ex.GateTraining(lora).init_gates(model))
   for e in range(num_e):
     tree = nn.unbox(lora.init(jax.random.key(e + 1), model))["lora"]
     # trained-looking experts: B is non-zero
@@ -171,15 +173,15 @@ def _library(model, lora, num_e):
         jax.random.key(100 + e), x.shape), tree)
     gates = jax.tree.map(lambda x, e=e: jax.random.normal(
         jax.random.key(200 + e), x.shape), gate_shapes)
-    lib = pg.add_expert(lib, f"task{e}", tree, gates)
+    lib = ex.add_expert(lib, f"task{e}", tree, gates)
   return lib
 
 
 def test_one_expert_top1_equals_that_expert(tiny):
   model, base, lora, inputs = tiny
   lib = _library(model, lora, 1)
-  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=1)
-  params = pg.routed_params(base, pg.stack_library(lib), "phatgoose")
+  routed = routed_lib.build_router("phatgoose", lora, top_k=1)
+  params = routed_lib.routed_params(base, ex.stack_library(lib), "phatgoose")
   out = jax.jit(lambda p: routed.apply(model, p, inputs))(params)
   ref = jax.jit(lambda p: lora.apply(model, p, inputs))(
       {"base": base, "lora": lib["experts"][0]["lora"]})
@@ -189,9 +191,9 @@ def test_one_expert_top1_equals_that_expert(tiny):
 def test_fixed_and_per_example_weights_select_experts(tiny):
   model, base, lora, inputs = tiny
   lib = _library(model, lora, 3)
-  stacked = pg.stack_library(lib)
-  routed = pg.RoutedLoRA(lora, "fixed", top_k=1)
-  params = pg.routed_params(base, stacked, "fixed",
+  stacked = ex.stack_library(lib)
+  routed = routed_lib.build_router("fixed", lora, top_k=1)
+  params = routed_lib.routed_params(base, stacked, "fixed",
                             weights=np.array([0., 1., 0.]))
   per_ex = jnp.eye(3)[jnp.array([2, 1, 0, 2])]
   out = jax.jit(lambda p, w: routed.apply(
@@ -205,9 +207,9 @@ def test_fixed_and_per_example_weights_select_experts(tiny):
 
 def test_routed_model_blocked_equals_dense(tiny):
   model, base, lora, inputs = tiny
-  stacked = pg.stack_library(_library(model, lora, 6))
-  params = pg.routed_params(base, stacked, "phatgoose")
-  outs = [jax.jit(lambda p, m=pg.RoutedLoRA(lora, "phatgoose", 2, impl):
+  stacked = ex.stack_library(_library(model, lora, 6))
+  params = routed_lib.routed_params(base, stacked, "phatgoose")
+  outs = [jax.jit(lambda p, m=routed_lib.build_router("phatgoose", lora, top_k=2, impl=impl):
                   m.apply(model, p, inputs))(params)
           for impl in ("blocked", "ragged", "dense")]
   np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[2]),
@@ -220,28 +222,28 @@ def test_sharded_routing_over_8_devices_equals_unsharded(tiny):
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices: see tests/conftest.py XLA_FLAGS")
   model, base, lora, inputs = tiny
-  stacked = pg.stack_library(_library(model, lora, 8))
-  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=2)
+  stacked = ex.stack_library(_library(model, lora, 8))
+  routed = routed_lib.build_router("phatgoose", lora, top_k=2)
   fn = jax.jit(lambda p: routed.apply(model, p, inputs))
-  want = fn(pg.routed_params(base, stacked, "phatgoose"))
-  mesh = pg.expert_mesh(8)
+  want = fn(routed_lib.routed_params(base, stacked, "phatgoose"))
+  mesh = ex.expert_mesh(8)
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "experts": 8}
-  sharded = pg.shard_experts(stacked, model, mesh)
+  sharded = ex.shard_experts(stacked, model, mesh)
   a = next(v for k, v in
            __import__("mtjax.methods.transform", fromlist=["x"]).flatten(
                sharded).items() if k.endswith("lora_a"))
   assert a.sharding.spec[0] == "experts"      # 1 expert per device
   assert a.addressable_shards[0].data.shape[0] == 1
   with sharding.use_mesh(mesh):
-    got = fn(pg.routed_params(base, sharded, "phatgoose"))
+    got = fn(routed_lib.routed_params(base, sharded, "phatgoose"))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 def test_records_and_diagnostics(tiny):
   model, base, lora, inputs = tiny
-  stacked = pg.stack_library(_library(model, lora, 5))
-  routed = pg.RoutedLoRA(lora, "phatgoose", top_k=2)
-  params = pg.routed_params(base, stacked, "phatgoose")
+  stacked = ex.stack_library(_library(model, lora, 5))
+  routed = routed_lib.build_router("phatgoose", lora, top_k=2)
+  params = routed_lib.routed_params(base, stacked, "phatgoose")
 
   def fn(p):
     rec = {}
@@ -249,9 +251,9 @@ def test_records_and_diagnostics(tiny):
     return rec
   rec = jax.device_get(jax.jit(fn)(params))
   assert len(rec) == 2 * 4 + 2 * 8 + 4 * 2   # attn q,k,v,o (+cross), wi, wo
-  summ = pg.summarize_records(rec, inputs, 5, own_expert=0)
+  summ = diagnostics.summarize_records(rec, inputs, 5, own_expert=0)
   for row in summ.values():
     assert abs(row["load"].sum() - 1) < 1e-6
     assert 0 <= row["entropy"] <= np.log(5) + 1e-6
-  ent = pg.by_layer(summ, "entropy")
+  ent = diagnostics.by_layer(summ, "entropy")
   assert list(ent) == ["enc0", "enc1", "dec0", "dec1"]

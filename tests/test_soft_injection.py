@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mtjax.data import suite
-from mtjax.evaluation import soft_injection_analysis as sa
+from mtjax.experiments import soft_injection as sa
 from mtjax.methods import soft_injection as si
 from mtjax.models import decoder
 

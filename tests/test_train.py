@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mtjax.models import sharding
-from mtjax.training import trainer
+from mtjax.methods import full
+from mtjax.training import fit, trainer
 
 TINY_T5 = dict(hf_path="", arch="t5", dtype="float32", vocab_size=259,
                d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
@@ -39,7 +40,7 @@ def _batch(kind, seed, b=8, li=12, lt=6):
 def _setup(model_cfg, mesh, pattern=None, opt="adamw", grad_accum=1):
   model, base = trainer.build_model(ml_collections.ConfigDict(model_cfg),
                                     jax.random.key(0), mesh)
-  method = trainer.FullFineTuning()
+  method = full.FullFineTuning()
   flat, sh = trainer.init_params(model, method, jax.random.key(1), mesh, base)
   params, frozen = trainer.split_trainable(flat, pattern or method.trainable)
   tx, _ = trainer.make_optimizer(ml_collections.ConfigDict(dict(
@@ -157,27 +158,25 @@ def test_suite_training_learns():
   cfg = dict(TINY_T5, d_model=64, d_kv=16, d_ff=128, tie_word_embeddings=True)
   model, base = trainer.build_model(ml_collections.ConfigDict(cfg),
                                     jax.random.key(0), mesh)
-  method = trainer.FullFineTuning()
+  method = full.FullFineTuning()
   flat, sh = trainer.init_params(model, method, jax.random.key(1), mesh, base)
-  params, frozen = trainer.split_trainable(flat, method.trainable)
+  params, frozen_params = trainer.split_trainable(flat, method.trainable)
   vocab = data.vocabulary("byte")
   data.register(vocab)
   lengths = {"inputs": 64, "targets": 16}
 
   def train(state_params, mixture, steps):
-    tx, _ = trainer.make_optimizer(ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=3e-3, warmup_steps=20, decay="cosine",
-        end_factor=0.1, b2=0.98, grad_clip=1.0)), steps)
-    state, state_sh = trainer.init_state(tx, state_params, sh, mesh)
     batches = data.train_batches(mixture, vocab, lengths, 32,
                                  "encoder_decoder", seed=0)
-    step = trainer.jit_train_step(trainer.make_train_step(
-        method, model, tx, len(batches.task_names)), state_sh, {}, mesh)
+    fitter = fit.Fitter(method, model, mesh, ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=3e-3, warmup_steps=20, decay="cosine",
+        end_factor=0.1, b2=0.98, grad_clip=1.0)), steps,
+                        num_tasks=len(batches.task_names))
     losses = []
     with sharding.use_mesh(mesh):
-      for _ in range(steps):
-        state, m = step(state, frozen, trainer.put_batch(next(batches), mesh))
-        losses.append(float(m["loss"]))
+      state, frozen = fitter.init({**state_params, **frozen_params}, sh)
+      state, _ = fitter.run(state, frozen, batches, on_step=lambda d, s, m:
+                            losses.append(float(m["loss"])))
     return state["params"], losses
 
   params, losses = train(params, "held_in", 100)

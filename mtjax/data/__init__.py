@@ -1,8 +1,7 @@
 """Data: seqio tasks, mixtures and batches for multitask training and evaluation.
 
 Everything is a real seqio Task/Mixture in seqio's global registries; this
-package only builds them. Public API (imports of seqio/TensorFlow are deferred
-to the first call so `import mtjax.data` stays cheap):
+package only builds them. Public API:
 
   vocab = vocabulary('byte')                       # or 'spm:/path/m.model',
                                                    # 'hf:/path/tokenizer.json'
@@ -87,55 +86,31 @@ openbook_qa, commonsense_qa, hellaswag (promptsource templates) and a
 multiple-choice sets; siqa is plain only (its file keeps 2 of 3 answers).
 Inputs carry EOS (seqio/T5 convention) in batches and eval_examples.
 """
-import dataclasses
-import os
-import pathlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-
-@dataclasses.dataclass(frozen=True)
-class Registered:
-  """What register() put into seqio's registries for one vocabulary."""
-  vocab_key: str
-  held_in: List[str]
-  held_out: List[str]
-  real: Dict[str, List[str]]
-  mixtures: List[str]
-  names: Dict[str, str]
-
-  def seqio_name(self, plain: str) -> str:
-    if plain in self.names:
-      return self.names[plain]
-    if plain in self.names.values():
-      return plain
-    raise KeyError(f"{plain!r} is not registered for vocabulary "
-                   f"{self.vocab_key!r}; known: {sorted(self.names)[:20]}...")
-
-
-def default_data_dir() -> pathlib.Path:
-  """$MTJAX_DATA_DIR, else <repo>/../shared/data (may not exist)."""
-  if os.environ.get("MTJAX_DATA_DIR"):
-    return pathlib.Path(os.environ["MTJAX_DATA_DIR"])
-  return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from mtjax.data import pipeline, suite, templates, tasks, vocab as vocab_lib
+from mtjax.data.tasks import Registered, default_data_dir  # noqa: F401
 
 
 def vocabulary(spec: str):
   """seqio.Vocabulary from 'byte', 'spm:/path/model' or 'hf:/path/tokenizer.json'."""
-  from mtjax.data import vocab
-  return vocab.from_spec(spec)
+  return vocab_lib.from_spec(spec)
 
 
 def train_sentencepiece(texts: Sequence[str], model_prefix: str,
                         vocab_size: int = 256, model_type: str = "bpe") -> str:
   """Trains a small sentencepiece model on texts; returns the .model path."""
-  from mtjax.data import vocab
-  return vocab.train_sentencepiece(texts, model_prefix, vocab_size, model_type)
+  return vocab_lib.train_sentencepiece(texts, model_prefix, vocab_size, model_type)
 
 
 def register(vocab, data_dir=None) -> Registered:
   """Registers suite, real eval tasks and mixtures for vocab (idempotent)."""
-  from mtjax.data import tasks
   return tasks.register(vocab, data_dir)
+
+
+def task_names(mixture_or_task: str, vocab) -> List[str]:
+  """seqio names of the tasks a batch's task_index refers to."""
+  return pipeline.task_names(mixture_or_task, vocab)
 
 
 def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int],
@@ -144,7 +119,6 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
                   num_shards: int = 1, pack: bool = False,
                   **options) -> Iterator[Dict[str, Any]]:
   """Infinite iterator of numpy batches; has .task_names (see module doc)."""
-  from mtjax.data import pipeline
   return pipeline.train_batches(
       mixture_or_task, vocab, feature_lengths, batch_size, model_kind, seed,
       start_step=start_step, shard_index=shard_index, num_shards=num_shards,
@@ -153,37 +127,31 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
 
 def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
   """Maps a train_batches batch to mtjax.models keyword arguments."""
-  from mtjax.data import pipeline
   return pipeline.model_inputs(batch, model_kind)
 
 
 def eval_examples(task: str, vocab, split: str = "validation",
                   max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
   """Evaluation rows with text and token ids (see module doc)."""
-  from mtjax.data import pipeline
   return pipeline.eval_examples(task, vocab, split, max_examples)
 
 
 def metric_fns(task: str, vocab=None):
   """The seqio task's metric functions (vocab picks the registration)."""
-  from mtjax.data import pipeline
   return pipeline.metric_fns(task, vocab)
 
 
 def task_kind(task: str, vocab=None) -> str:
   """'rank_classification' or 'generation'."""
-  from mtjax.data import pipeline
   return pipeline.task_kind(task, vocab)
 
 
 def few_shot(task: str, k: int, seed: int, split: str = "validation",
              max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
   """Suite examples with k train demonstrations prepended (MetaICL)."""
-  from mtjax.data import suite
   return suite.few_shot(task, k, seed, split, max_examples)
 
 
 def load_templates(path) -> Dict[str, Any]:
   """Promptsource templates.yaml -> {name: Template}."""
-  from mtjax.data import templates
   return templates.load(path)

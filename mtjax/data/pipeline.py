@@ -166,6 +166,14 @@ def _check_lengths(lengths, id_to_name):
   return fn
 
 
+def task_names(mixture_or_task: str, vocab) -> List[str]:
+  """seqio names of the tasks that a batch's task_index refers to."""
+  provider = resolve(mixture_or_task, vocab)
+  subtasks = (provider.tasks if isinstance(provider, seqio.Mixture)
+              else [provider])
+  return [t.name for t in subtasks]
+
+
 def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int],
                   batch_size: int, model_kind: str, seed: int,
                   start_step: int = 0, shard_index: int = 0,

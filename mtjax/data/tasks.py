@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
 import re
 import zlib
@@ -617,14 +618,39 @@ def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  """What register() put into seqio's registries for one vocabulary."""
+  vocab_key: str
+  held_in: List[str]
+  held_out: List[str]
+  real: Dict[str, List[str]]
+  mixtures: List[str]
+  names: Dict[str, str]
+
+  def seqio_name(self, plain: str) -> str:
+    if plain in self.names:
+      return self.names[plain]
+    if plain in self.names.values():
+      return plain
+    raise KeyError(f"{plain!r} is not registered for vocabulary "
+                   f"{self.vocab_key!r}; known: {sorted(self.names)[:20]}...")
+
+
+def default_data_dir() -> pathlib.Path:
+  """$MTJAX_DATA_DIR, else <repo>/../shared/data (may not exist)."""
+  if os.environ.get("MTJAX_DATA_DIR"):
+    return pathlib.Path(os.environ["MTJAX_DATA_DIR"])
+  return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
 def register(vocab, data_dir=None, cap: int = 3000):
   """Registers suite (seed 0) + real tasks + mixtures for vocab (idempotent).
 
   Mixtures 'held_in', 'held_out', 'suite' mix examples-proportionally with
   rates min(train size, cap) (T0/xP3 style).
   """
-  from mtjax import data as api  # pylint: disable=g-import-not-at-top
-  data_dir = pathlib.Path(data_dir) if data_dir else api.default_data_dir()
+  data_dir = pathlib.Path(data_dir) if data_dir else default_data_dir()
   names = {}
   for plain in suite.TASKS:
     source = InMemorySource(functools.partial(_suite_rows, plain),
@@ -641,7 +667,7 @@ def register(vocab, data_dir=None, cap: int = 3000):
   for mix, members in groups.items():
     rates = examples_proportional_rates([names[m] for m in members], cap)
     names[mix] = add_mixture(seqio_name(vocab, mix), rates)
-  return api.Registered(vocab_key=vocab_lib.key(vocab),
+  return Registered(vocab_key=vocab_lib.key(vocab),
                         held_in=list(suite.HELD_IN),
                         held_out=list(suite.HELD_OUT), real=real,
                         mixtures=list(groups), names=names)

@@ -26,6 +26,7 @@ DEFAULTS = {
 DECODER_DEFAULTS = ((r".*self_attn/(k_proj|v_proj)",), (r".*mlp/down_proj",))
 
 
+@transform.METHODS.register("ia3")
 class IA3:
   """The (IA)3 method (see module docstring)."""
   trainable = r"ia3/.*"

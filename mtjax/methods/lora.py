@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax.methods import transform
+from mtjax.methods import adapters, transform
 
 DEFAULT_TARGETS = {
     "t5": (r".*(SelfAttention|EncDecAttention)/(q|v)",),
@@ -35,6 +35,7 @@ def default_targets(model):
   return DEFAULT_TARGETS.get(model.config.model_type, DEFAULT_DECODER_TARGETS)
 
 
+@transform.METHODS.register("lora")
 class LoRA:
   """The LoRA method (see module docstring)."""
   trainable = r"lora/.*"
@@ -86,8 +87,7 @@ class LoRA:
 
   def _load(self, model):
     """Adapter params from `init_from` (expert / PEFT / orbax / workdir)."""
-    from mtjax.methods import library  # pylint: disable=g-import-not-at-top
-    tree = library.load_adapter(self.init_from, model)
+    tree = adapters.load_adapter(self.init_from, model)
     if "lora" not in tree:
       raise ValueError(f"init_from={self.init_from!r} holds {sorted(tree)}, "
                        "not LoRA params")

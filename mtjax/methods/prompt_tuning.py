@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.methods import transform
+from mtjax.methods import adapters, transform
 from mtjax.models import layers
 
 # Module path/method scopes whose embedding calls are the prompted input.
@@ -70,6 +70,7 @@ def prompt_init(rng, table, length, init="vocab", sample_vocab=5000,
   return jnp.asarray(table)[ids].astype(jnp.float32)
 
 
+@transform.METHODS.register("prompt_tuning")
 class PromptTuning:
   """Soft prompt of `length` vectors (one, or one per task with num_tasks)."""
   trainable = r"prompt/.*"
@@ -90,8 +91,7 @@ class PromptTuning:
   def _source(self, length):
     src = self.init_from
     if isinstance(src, str):
-      from mtjax.methods import library  # pylint: disable=g-import-not-at-top
-      src = library.source_prompt(src)
+      src = adapters.source_prompt(src)
     src = jnp.asarray(src, jnp.float32)
     if src.ndim != 2 or src.shape[0] < length:
       raise ValueError(f"init_from prompt has shape {src.shape}; need "
@@ -134,6 +134,7 @@ class PromptTuning:
                           rng=rng, deterministic=deterministic, method=method)
 
 
+@transform.METHODS.register("multitask_prompt")
 class MultitaskPromptTuning(PromptTuning):
   """Shared prompt S (P, d) composed with per-task components (see docstring)."""
   trainable = r"prompt/.*"

@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from safetensors.numpy import load_file, save_file
 
-from mtjax.models import layers
+from mtjax.methods import transform
+from mtjax.models import decoder, layers
 
 # Decoder-only self-attention output projections (Llama/Qwen2/Gemma/Mistral
 # 'o_proj', BLOOM 'dense'); T5's decoder self-attention 'o'.
@@ -336,28 +338,25 @@ class SoftInjection:
                           pattern=self.pattern)
 
 
-def build(method_config, model=None):
-  """SoftInjection from a config: `library` (a folder written by `save`) and
-  `tasks` (their order defines adapter_index), or `embeddings` (K, L, H, D);
-  optional `pattern`. Stored alpha logits initialise the trainable ones."""
-  del model
-  cfg = dict(method_config.to_dict() if hasattr(method_config, "to_dict")
-             else method_config)
+@transform.METHODS.register("soft_injection")
+def build(library: str = "", tasks: tuple = (), embeddings=None,
+          pattern: str = None) -> SoftInjection:
+  """SoftInjection from config options: `library` (a folder written by `save`)
+  and `tasks` (their order defines adapter_index), or `embeddings`
+  (K, L, H, D); optional `pattern`. Stored alpha logits initialise the
+  trainable ones."""
   alphas = None
-  if cfg.get("library"):
-    if not cfg.get("tasks"):
+  if library:
+    if not tasks:
       raise ValueError("soft_injection with a library needs tasks=[...] "
                        "(their order defines adapter_index)")
-    loaded = [load(cfg["library"], t) for t in cfg["tasks"]]
+    loaded = [load(library, t) for t in tasks]
     embeddings = np.stack([e for e, _, _ in loaded])
     if all(a is not None for _, a, _ in loaded):
       alphas = np.stack([a for _, a, _ in loaded])
-  elif cfg.get("embeddings") is not None:
-    embeddings = cfg["embeddings"]
-  else:
+  elif embeddings is None:
     raise ValueError("soft_injection needs library= and tasks=, or embeddings=")
-  return SoftInjection(embeddings, pattern=cfg.get("pattern"),
-                       alpha_logits=alphas)
+  return SoftInjection(embeddings, pattern=pattern, alpha_logits=alphas)
 
 
 # ------------------------------------------------------------ generation --
@@ -404,7 +403,6 @@ def plain_prefill(model, params, input_ids, attention_mask, extra,
                   max_new_tokens):
   """Zero-shot / ICL prefill: the unchanged model."""
   del extra
-  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
   b, p = input_ids.shape
   cache = decoder.init_cache(model, params, b, p + max_new_tokens)
   logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
@@ -420,7 +418,6 @@ def injected_prefill(model, params, input_ids, attention_mask, extra,
   shape the cached keys/values of later layers, which carries the injection
   into every generated token.
   """
-  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
   embedding, alpha, task_index = extra
   b, p = input_ids.shape
   cache = decoder.init_cache(model, params, b, p + max_new_tokens)
@@ -509,7 +506,6 @@ def generate_uncached(model, params, input_ids, attention_mask, embedding,
 
 def save(directory, task, embedding, alpha_logits=None, **meta):
   """Writes <directory>/<task>/soft_injection.{safetensors,json}."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, task)
   os.makedirs(path, exist_ok=True)
   tensors = {"embedding": np.asarray(embedding, np.float32)}
@@ -525,7 +521,6 @@ def save(directory, task, embedding, alpha_logits=None, **meta):
 
 def load(directory, task):
   """-> (embedding (L,H,D), alpha_logits (L,H) or None, meta dict)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, task)
   file = os.path.join(path, "soft_injection.safetensors")
   if not os.path.exists(file):
@@ -535,25 +530,3 @@ def load(directory, task):
   with open(os.path.join(path, "soft_injection.json")) as f:
     meta = json.load(f)
   return tensors["embedding"], tensors.get("alpha_logits"), meta
-
-
-# ------------------------------------------------------------------- job --
-
-
-def run(config, workdir):
-  """The configs/soft_injection.py job (see there); returns the results dict."""
-  from mtjax.evaluation import soft_injection_analysis  # pylint: disable=g-import-not-at-top
-  return soft_injection_analysis.run_experiment(config, workdir)
-
-
-def _main():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  cfg = config_flags.DEFINE_config_file("config", None, "configs/soft_injection.py")
-  wd = flags.DEFINE_string("workdir", None, "output folder")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: run(cfg.value, wd.value) and None)
-
-
-if __name__ == "__main__":
-  _main()

@@ -38,6 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from mtjax.models import hf, layers, sharding
+from mtjax.registry import Registry, to_dict  # noqa: F401 (to_dict re-used)
+
+# Every method class registers itself here by name (see mtjax.methods.build).
+METHODS = Registry("method")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ embeddings, (1 + w) RMSNorm, GeGLU). BLOOM: BigScience 2022 "BLOOM: A 176B-
 Parameter Open-Access Multilingual Language Model" (ALiBi of Press et al. 2022
 "Train Short, Test Long", embedding LayerNorm, fused QKV).
 
-Module paths mirror Hugging Face's state-dict names, so `hf.default_hf_key`
+Module paths mirror Hugging Face's state-dict names, so `layers.default_hf_key`
 maps every parameter with no per-architecture table:
   llama/qwen2/gemma/mistral: model/embed_tokens, model/layers_i/self_attn/
       {q,k,v,o}_proj, model/layers_i/mlp/{gate,up,down}_proj,
@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.models import hf as hf_lib
 from mtjax.models import layers
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "bloom")
@@ -616,4 +615,4 @@ def config_to_hf(cfg):
 def hf_key(path, cfg):
   """Param path -> HF tensor name; module paths already mirror HF's names."""
   del cfg
-  return hf_lib.default_hf_key(path)
+  return layers.default_hf_key(path)

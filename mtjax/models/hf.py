@@ -8,28 +8,29 @@ Each architecture module (t5.py, decoder.py) provides:
   config_from_hf(hf_config: dict) -> Config
   config_to_hf(config) -> dict
   Model: the linen module class, built as Model(config)
-  hf_key(path: tuple[str, ...], config) -> str | None   (see `default_hf_key`)
+  hf_key(path: tuple[str, ...], config) -> str | None   (see `layers.default_hf_key`)
   hf_from_param / param_from_hf (optional): per-tensor layout fixes, e.g.
      BLOOM's fused QKV or tied embeddings.
 The conversion walks the *expected* parameter tree (from jax.eval_shape), so a
 missing tensor or a wrong shape is reported by name with the expected shape.
 """
-import importlib
 import json
 import os
 import re
 
 import jax
 import numpy as np
+import flax.linen as nn
 from safetensors.numpy import load_file, save_file
 
+from mtjax.models import decoder, sharding, t5
 
-# model_type -> module under mtjax.models, imported only when used (so one
-# architecture's module never blocks loading another's).
+
+# model_type -> the module under mtjax.models that implements it.
 _ARCHS = {
-    "t5": "t5", "mt5": "t5", "umt5": None,
-    "llama": "decoder", "qwen2": "decoder", "bloom": "decoder",
-    "gemma": "decoder", "mistral": "decoder",
+    "t5": t5, "mt5": t5, "umt5": None,
+    "llama": decoder, "qwen2": decoder, "bloom": decoder,
+    "gemma": decoder, "mistral": decoder,
 }
 
 
@@ -40,15 +41,7 @@ def arch_module(model_type):
         f"unsupported model_type {model_type!r} in config.json; mtjax loads "
         f"{supported}. Convert the checkpoint to one of these or add the "
         "architecture to mtjax/models/hf.py.")
-  return importlib.import_module(f"mtjax.models.{_ARCHS[model_type]}")
-
-
-def default_hf_key(path):
-  """('layers_0', 'self_attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'."""
-  parts = [re.sub(r"^(.*)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
-  leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-          "bias": "bias"}.get(path[-1], path[-1])
-  return ".".join(parts + [leaf])
+  return _ARCHS[model_type]
 
 
 def read_safetensors(path):
@@ -71,8 +64,6 @@ def read_safetensors(path):
 
 
 def _expected(model, config):
-  from mtjax.models import sharding  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return nn.unbox(sharding.abstract_params(model, **dummy_inputs(config)))
 
 

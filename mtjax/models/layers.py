@@ -13,6 +13,7 @@ Parameter conventions (all parameters f32 by default, compute dtype by config):
   RMSNorm:   scale (features,)                 -- HF 'weight'
   LayerNorm: scale (features,), bias (features,) -- HF 'weight', 'bias'
 """
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -118,3 +119,11 @@ def dtype_of(name):
   if name not in table:
     raise ValueError(f"dtype {name!r} is not one of {sorted(table)}")
   return table[name]
+
+
+def default_hf_key(path):
+  """('layers_0', 'self_attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'."""
+  parts = [re.sub(r"^(.*)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
+  leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight",
+          "bias": "bias"}.get(path[-1], path[-1])
+  return ".".join(parts + [leaf])

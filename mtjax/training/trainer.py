@@ -23,40 +23,8 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mtjax import data
 from mtjax.models import hf, sharding
-
-
-class FullFineTuning:
-  """Full fine-tuning in the method contract: no extra params, all base trainable."""
-  name = "full"
-  trainable = "base/.*"
-
-  def init(self, rng, model, base_params):
-    del rng, model, base_params
-    return {}
-
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True):
-    inputs = {k: v for k, v in inputs.items() if k != "adapter_index"}
-    rngs = {"dropout": rng} if rng is not None else {}
-    return model.apply({"params": params["base"]}, **inputs,
-                       deterministic=deterministic, rngs=rngs)
-
-
-def build_method(config, model):
-  """mtjax.methods.build(config.method, model) when available, else full FT."""
-  method_config = config.get("method")
-  name = method_config.get("name", "full") if method_config else "full"
-  try:
-    from mtjax import methods  # pylint: disable=g-import-not-at-top
-    build = getattr(methods, "build", None)
-  except ImportError:
-    build = None
-  if method_config and build is not None:
-    return build(method_config, model)
-  if name != "full":
-    raise ValueError(f"config.method.name={name!r} needs mtjax.methods.build, "
-                     "which is not available; use method.name='full'")
-  return FullFineTuning()
 
 
 # ----------------------------------------------------------------- models
@@ -226,7 +194,6 @@ def put_global_batch(batch, mesh):
 
 def token_scores(method, model, params, batch, kind, rng=None):
   """Per-token log-likelihood and correctness of the targets, (B, L) each."""
-  from mtjax import data  # pylint: disable=g-import-not-at-top
   inputs = data.model_inputs(batch, kind)
   if "adapter_index" in batch:
     inputs["adapter_index"] = batch["adapter_index"]
@@ -239,26 +206,40 @@ def token_scores(method, model, params, batch, kind, rng=None):
   return token_logp, correct
 
 
+def target_token_loss(method, model, kind, params, batch, rng):
+  """The default loss: NLL of every target token.
+
+  Returns per-token (nll, correct, weights), each (B, L); a custom loss for
+  `make_train_step` returns the same three arrays.
+  """
+  token_logp, correct = token_scores(method, model, params, batch, kind, rng)
+  return -token_logp, correct, batch["decoder_loss_weights"].astype(
+      jnp.float32)
+
+
 def loss_and_metrics(method, model, kind, num_tasks, trainable, frozen, batch,
-                     rng):
+                     rng, loss=target_token_loss):
   """Summed token NLL (for gradients) and per-task sums (for metrics)."""
   params = unflatten({**trainable, **frozen})
-  token_logp, correct = token_scores(method, model, params, batch, kind, rng)
-  weights = batch["decoder_loss_weights"].astype(jnp.float32)
+  nll, correct, weights = loss(method, model, kind, params, batch, rng)
   task = batch["token_task_index"] if "token_task_index" in batch else (
       jnp.broadcast_to(batch["task_index"][:, None], weights.shape))
   task = jnp.where(weights > 0, task, num_tasks)  # padding -> dropped bucket
   def per_task(x):
     return jnp.zeros(num_tasks + 1).at[task.reshape(-1)].add(
         x.reshape(-1))[:num_tasks]
-  nll = -token_logp * weights
+  nll = nll * weights
+  # Whole-batch totals apart from the per-task bins: a task id outside
+  # [0, num_tasks) loses its metrics, never its share of the loss.
   sums = {"nll": per_task(nll), "correct": per_task(correct * weights),
+          "all_nll": nll.sum(), "all_correct": (correct * weights).sum(),
+          "all_tokens": weights.sum(),
           "tokens": per_task(weights)}
   return nll.sum(), sums
 
 
 def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
-                    dropout=False):
+                    dropout=False, loss=target_token_loss):
   """step(state, frozen, batch) -> (state, metrics); jit it with shardings.
 
   The loss is the mean NLL over all target tokens of the whole batch; with
@@ -277,7 +258,7 @@ def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
             0, 1), batch)
     grad_fn = jax.value_and_grad(
         lambda p, b, r: loss_and_metrics(method, model, kind, num_tasks, p,
-                                         frozen, b, r), has_aux=True)
+                                         frozen, b, r, loss), has_aux=True)
 
     def body(carry, xs):
       grads, sums = carry
@@ -289,14 +270,16 @@ def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     zero_sums = {k: jnp.zeros(num_tasks) for k in ("nll", "correct", "tokens")}
+    zero_sums.update({k: jnp.zeros(()) for k in ("all_nll", "all_correct",
+                                                   "all_tokens")})
     (grads, sums), _ = jax.lax.scan(
         body, (zeros, zero_sums), (jnp.arange(grad_accum), micro))
-    total = jnp.maximum(sums["tokens"].sum(), 1.0)
+    total = jnp.maximum(sums.pop("all_tokens"), 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": sums["nll"].sum() / total,
-               "accuracy": sums["correct"].sum() / total,
+    metrics = {"loss": sums.pop("all_nll") / total,
+               "accuracy": sums.pop("all_correct") / total,
                "grad_norm": optax.tree.norm(grads), **sums}
     return {"step": state["step"] + 1, "params": params,
             "opt_state": opt_state}, metrics

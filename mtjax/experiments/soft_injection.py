@@ -13,9 +13,22 @@ import dataclasses
 import itertools
 import json
 import os
+import time
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from mtjax import data
+from mtjax.data import suite
+from mtjax.evaluation import plots
+from mtjax.experiments.train import JOBS
+from mtjax.methods import prompt_tuning
+from mtjax.methods import soft_injection as si
+from mtjax.models import decoder
 
 
 def top_k_heads(alpha, k):
@@ -46,9 +59,7 @@ def format_jaccard(tasks, mat, k):
 
 def plot_alpha_heatmaps(alphas, path, title="soft-injection alpha"):
   """One heatmap (layers x heads, colour = alpha in [0, 1]) per task -> PNG path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
   tasks = sorted(alphas)
   fig, axes = plt.subplots(1, len(tasks), figsize=(2.2 * len(tasks) + 1, 3.0),
                            squeeze=False, constrained_layout=True)
@@ -147,7 +158,6 @@ def icl_sequence(rng, segments, encode, max_len):
 def testbed_batches(tasks, vocab, batch_size, max_len, max_shots, remap_prob,
                     seed):
   """Infinite iterator of (ids (B,T), weights (B,T)) MetaICL training batches."""
-  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
   train = {t: suite.examples(t, "train") for t in tasks}
   rng = np.random.default_rng(seed)
   while True:
@@ -166,7 +176,6 @@ def testbed_batches(tasks, vocab, batch_size, max_len, max_shots, remap_prob,
 
 
 def testbed_model(vocab, hidden=64, layers_=4, heads=4, mlp=128, max_len=1024):
-  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
   cfg = decoder.DecoderConfig(
       model_type="llama", vocab_size=vocab.vocab_size, hidden_size=hidden,
       intermediate_size=mlp, num_hidden_layers=layers_,
@@ -179,11 +188,6 @@ def train_testbed(vocab, *, tasks=None, steps=600, batch_size=32, max_len=256,
                   max_shots=5, remap_prob=0.5, learning_rate=3e-3, seed=0,
                   model_kwargs=None, log_every=100):
   """Trains the test-bed decoder with a compact optax loop -> TestBed."""
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
   tasks = list(tasks or suite.HELD_IN)
   model = testbed_model(vocab, **(model_kwargs or {}))
   params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
@@ -217,7 +221,6 @@ def train_testbed(vocab, *, tasks=None, steps=600, batch_size=32, max_len=256,
 
 
 def nn_unbox(tree):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return nn.unbox(tree)
 
 
@@ -241,7 +244,6 @@ def left_pad(rows, pad_id=0, multiple=32):
 
 def render(demos, query, encode, max_len):
   """Ids of 'x1\\ny1\\n\\n...xk\\nyk\\n\\nx\\n', dropping first demos to fit max_len."""
-  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
   demos = list(demos)
   while True:
     ids = encode(suite.render_few_shot(demos, query) + "\n")
@@ -296,8 +298,6 @@ def timed_generation(gen_fn, prompts, batch_size):
   Prompts are bucketed by length (sorted) to limit padding, identically for
   every method.
   """
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   order = np.argsort([len(p) for p in prompts], kind="stable")
   batches = []
   for s in range(0, len(prompts), batch_size):
@@ -331,10 +331,6 @@ def exact_match(vocab, outputs, examples, stop_id):
 def prompt_prefill(model, params, input_ids, attention_mask, extra,
                    max_new_tokens):
   """Prefill with a soft prompt (P, d) prepended (mtjax.methods.prompt_tuning)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from mtjax.methods import prompt_tuning  # pylint: disable=g-import-not-at-top
-  from mtjax.models import decoder  # pylint: disable=g-import-not-at-top
   (prompt,) = extra
   b, p = input_ids.shape
   length = prompt.shape[0]
@@ -377,11 +373,6 @@ def fit_prompt(model, params, train, val, *, length=10, steps=400,
   train / val: `target_batch` dicts. Loss: cross-entropy of the whole target.
   Keeps the prompt with the best validation loss. -> (prompt (P, d), best loss)
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from mtjax.methods import prompt_tuning  # pylint: disable=g-import-not-at-top
   method = prompt_tuning.PromptTuning(length=length, init="vocab",
                                       sample_vocab=model.config.vocab_size)
   tree = nn.unbox(method.init(jax.random.key(seed), model, params))["prompt"]
@@ -424,8 +415,6 @@ def fit_prompt(model, params, train, val, *, length=10, steps=400,
 
 def _task_rows(task, vocab, cfg):
   """(train, eval) example lists of a suite task or a registered real task."""
-  from mtjax import data  # pylint: disable=g-import-not-at-top
-  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
   if task in suite.TASKS:
     return (suite.examples(task, "train"),
             suite.examples(task, "validation", max_examples=cfg.eval_examples))
@@ -438,9 +427,6 @@ def _task_rows(task, vocab, cfg):
 
 def _method_rows(model, params, vocab, task, cfg, seed):
   """Per method: {'em', 'first', 'nll', 'sec'} on one task (see run_experiment)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mtjax.methods import soft_injection as si  # pylint: disable=g-import-not-at-top
   train, evals = _task_rows(task, vocab, cfg)
   enc, stop = vocab.encode, vocab.encode("\n")[0]
   eos_ids, pad_id, new = (stop,), 0, cfg.max_new_tokens
@@ -488,7 +474,6 @@ def _method_rows(model, params, vocab, task, cfg, seed):
                best_step=fit.best_step, best_val_loss=fit.best_val_loss)
 
   if cfg.prompt_tuning.length:
-    from mtjax.methods import prompt_tuning  # pylint: disable=g-import-not-at-top
     prompt, _ = fit_prompt(
         model, params, target_batch(fit_rows, enc, cfg.max_prompt_len),
         target_batch(val_rows, enc, cfg.max_prompt_len),
@@ -521,11 +506,9 @@ def format_table(results):
   return "\n".join(lines)
 
 
-def run_experiment(config, workdir):
+@JOBS.register("soft_injection")
+def run_experiment(config, workdir: str) -> dict:
   """Trains the test bed, compares methods per task, writes JSON + heatmap."""
-  from mtjax import data  # pylint: disable=g-import-not-at-top
-  from mtjax.data import suite  # pylint: disable=g-import-not-at-top
-  from mtjax.methods import soft_injection as si  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   vocab = data.vocabulary(config.vocab)
   tb = config.testbed

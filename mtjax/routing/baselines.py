@@ -1,6 +1,6 @@
 """Baselines for routing among specialised experts, on the PHATGOOSE machinery.
 
-All but Poly/MHR reuse one stacked LoRA library and `phatgoose.RoutedLoRA`:
+All but Poly/MHR reuse one stacked LoRA library and `routed.RoutedLoRA`:
   oracle      the task's own expert (held-in); on held-out tasks the best
               single expert measured on the evaluation set (an upper bound
               that looks at labels) -- `one_hot`.
@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.methods import phatgoose, transform
+from mtjax.methods import transform
+from mtjax.routing import diagnostics, experts
+from mtjax.routing.routed import ROUTERS, FixedRouter, fixed_choices
 
 
 def one_hot(index, num_experts):
@@ -58,7 +60,7 @@ def task_level_weights(records, inputs, num_experts, top_k):
   """
   sums = {}
   for rec, inp in zip(records, inputs):
-    for path, row in phatgoose.summarize_records(rec, inp, num_experts).items():
+    for path, row in diagnostics.summarize_records(rec, inp, num_experts).items():
       sums[path] = sums.get(path, 0.0) + row["load"] * row["tokens"]
   out = {}
   for path, load in sums.items():
@@ -69,7 +71,8 @@ def task_level_weights(records, inputs, num_experts, top_k):
   return out
 
 
-class TaskGateRouting(phatgoose.RoutedLoRA):
+@ROUTERS.register("task_gate")
+class TaskGateRouting(FixedRouter):
   """Learned task-level gating over a frozen stacked library.
 
   params: {'base', 'experts': {path: {'lora_a': (E, d, r), 'lora_b': (E, r,
@@ -84,7 +87,7 @@ class TaskGateRouting(phatgoose.RoutedLoRA):
   name = "task_gate"
 
   def __init__(self, lora, stacked, num_tasks, top_k=2, impl="auto"):
-    super().__init__(lora, "fixed", top_k=top_k, impl=impl)
+    super().__init__(lora, top_k=top_k, impl=impl)
     self.stacked, self.num_tasks = stacked, int(num_tasks)
 
   def init(self, rng, model, base_params=None):
@@ -96,7 +99,7 @@ class TaskGateRouting(phatgoose.RoutedLoRA):
       if leaf in ("lora_a", "lora_b"):
         # 'adapters' (no sharding rule): replicated, like PolyLoRA's skills.
         out[path] = transform.boxed(
-            x, ("adapters",) + phatgoose.LOGICAL[leaf](targets[mod])[1:])
+            x, ("adapters",) + experts.LOGICAL[leaf](targets[mod])[1:])
         if leaf == "lora_a":
           out[mod + "/task_logits"] = transform.boxed(
               jnp.zeros((self.num_tasks, x.shape[0]), jnp.float32),
@@ -116,7 +119,7 @@ class TaskGateRouting(phatgoose.RoutedLoRA):
     num_e = logits.shape[-1]
     k = num_e if task is not None else min(self.top_k, num_e)
     probs = jax.nn.softmax(rows.astype(jnp.float32), axis=-1)
-    return phatgoose.fixed_choices(probs, k, h.shape[0]) + (None,)
+    return fixed_choices(probs, k, h.shape[0]) + (None,)
 
 
 def task_gate_eval_params(params, task=None):
@@ -155,12 +158,13 @@ def example_embedding(model, base, inputs):
   return (h * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1), 1.0)[:, None]
 
 
-class RetrievalRouting(phatgoose.RoutedLoRA):
+@ROUTERS.register("retrieval")
+class RetrievalRouting(FixedRouter):
   """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}."""
   name = "retrieval"
 
   def __init__(self, lora, impl="auto"):
-    super().__init__(lora, "fixed", top_k=1, impl=impl)
+    super().__init__(lora, top_k=1, impl=impl)
 
   def choose(self, model, params, inputs):
     emb = example_embedding(model, params["base"], inputs)
@@ -192,6 +196,7 @@ def centroids(model, base, batches):
 
 # ----------------------------------------------------------------- Poly/MHR
 
+@ROUTERS.register("poly")
 class PolyLoRA:
   """Poly (heads=1) / MHR (heads>1): per-task mixtures of S LoRA skills.
 
@@ -229,9 +234,9 @@ class PolyLoRA:
           raise ValueError(f"{mod}: dim {h_dim} not divisible by MHR heads "
                            f"{self.heads}")
       # 'adapters' (not in sharding.RULES) keeps the skill axis replicated
-      # under any mesh; the routed library uses 'experts' (see phatgoose).
+      # under any mesh; the routed library uses 'experts' (see experts.py).
       sk[path] = transform.boxed(
-          x, ("adapters",) + phatgoose.LOGICAL[leaf](t)[1:])
+          x, ("adapters",) + experts.LOGICAL[leaf](t)[1:])
       alloc[mod + "/logits"] = jnp.zeros(
           (self.num_tasks, self.num_skills, self.heads))
       alloc_eval[mod + "/logits"] = jnp.zeros((self.num_skills, self.heads))
@@ -266,7 +271,7 @@ class PolyLoRA:
     task = inputs.get("adapter_index")
     inputs = transform.model_kwargs(inputs)
     alloc = params["alloc"] if task is not None else params["alloc_eval"]
-    tree = phatgoose.merge_leaves(params["skills"], alloc)
+    tree = experts.merge_leaves(params["skills"], alloc)
     icpt = transform.linear_interceptor(
         tree, lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task),
         None, rng, deterministic)

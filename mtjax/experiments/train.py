@@ -16,10 +16,16 @@ import time
 import jax
 from absl import logging
 
-from mtjax import data, distributed
-from mtjax.evaluation import evaluate, results as results_lib
+from mtjax import data, distributed, methods
+from mtjax.evaluation import evaluate
+from mtjax.evaluation import results as results_lib
 from mtjax.models import sharding
-from mtjax.training import checkpoint, metrics, trainer
+from mtjax.registry import Registry
+from mtjax.training import checkpoint, fit, metrics, trainer
+
+# config.job -> the function(config, workdir) that runs it; every experiment
+# module registers its jobs here (mtjax.main dispatches on config.job).
+JOBS = Registry("job")
 
 
 def _check_batch(config, mesh):
@@ -32,24 +38,23 @@ def _check_batch(config, mesh):
         f"{jax.process_count()} processes)")
 
 
-def setup(config, workdir):
-  """Model, method, params (trainable state + frozen), optimizer and mesh."""
+def setup(config, workdir, num_tasks=1):
+  """Model, method, the Fitter, params (trainable state + frozen) and mesh."""
+  del workdir
   mesh = sharding.make_mesh(tuple(config.mesh_shape))
   _check_batch(config, mesh)
   model_rng, method_rng = jax.random.split(jax.random.key(config.seed))
   model, base = trainer.build_model(config.model, model_rng, mesh)
-  method = trainer.build_method(config, model)
+  method = methods.build(config.get("method"))
   flat, flat_sh = trainer.init_params(model, method, method_rng, mesh, base)
   pattern = config.get("trainable") or method.trainable
-  trainable, frozen = trainer.split_trainable(flat, pattern)
-  tx, schedule = trainer.make_optimizer(config.optimizer,
-                                        config.num_train_steps)
-  state, state_sh = trainer.init_state(
-      tx, trainable, {k: flat_sh[k] for k in trainable}, mesh)
-  frozen_sh = {k: flat_sh[k] for k in frozen}
+  fitter = fit.Fitter(method, model, mesh, config.optimizer,
+                      config.num_train_steps, num_tasks=num_tasks,
+                      seed=config.seed, grad_accum=config.get("grad_accum", 1),
+                      dropout=config.get("dropout", False), trainable=pattern)
+  state, frozen = fitter.init(flat, flat_sh)
   return dict(mesh=mesh, model=model, method=method, state=state,
-              state_sh=state_sh, frozen=frozen, frozen_sh=frozen_sh, tx=tx,
-              schedule=schedule, pattern=pattern)
+              frozen=frozen, fitter=fitter, pattern=pattern)
 
 
 def eval_groups(entries, reg):
@@ -76,13 +81,17 @@ def _log(msg):
     logging.info(msg)
 
 
-def train_and_evaluate(config, workdir):
+@JOBS.register("train")
+def train_and_evaluate(config, workdir: str) -> dict:
   """Trains config.num_train_steps steps (resuming), then evaluates."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
   checkpoint.check_workdir_config(workdir, config, is_writer)
-  s = setup(config, workdir)
+  vocab = data.vocabulary(config.data.vocab)
+  reg = data.register(vocab)
+  mixture = reg.seqio_name(config.data.mixture)
+  s = setup(config, workdir, num_tasks=len(data.task_names(mixture, vocab)))
   mesh, model, method = s["mesh"], s["model"], s["method"]
   n_train = sum(x.size for x in jax.tree.leaves(s["state"]["params"]))
   n_frozen = sum(x.size for x in jax.tree.leaves(s["frozen"]))
@@ -97,19 +106,16 @@ def train_and_evaluate(config, workdir):
   if start:
     _log(f"resumed from step {start}")
 
-  vocab = data.vocabulary(config.data.vocab)
-  reg = data.register(vocab)
   kind = trainer.model_kind(model)
   lengths = {"inputs": config.data.inputs_length,
              "targets": config.data.targets_length}
-  total = config.num_train_steps
-  if start < total:
+  if start < config.num_train_steps:
     state = _train_loop(config, workdir, s, state, start, mngr, vocab, reg,
                         kind, lengths)
   mngr.wait_until_finished()
   mngr.close()
 
-  params = trainer.unflatten({**state["params"], **s["frozen"]})
+  params = s["fitter"].params(state, s["frozen"])
   groups = eval_groups(config.eval.groups, reg)
   t0 = time.time()
   with sharding.use_mesh(mesh):
@@ -125,7 +131,8 @@ def train_and_evaluate(config, workdir):
 
 def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
                 lengths):
-  mesh = s["mesh"]
+  """The fit loop with logging, TensorBoard and periodic checkpoints."""
+  mesh, fitter = s["mesh"], s["fitter"]
   # 'examples': each process reads its own seqio shard (scales to many
   # hosts; batches depend on the process count). 'rows': every process reads
   # the whole stream and places only its devices' rows (the same batches for
@@ -145,36 +152,34 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
   put = trainer.put_global_batch if shard_by == "rows" else trainer.put_batch
   plain = {v: k for k, v in reg.names.items()}
   task_names = [plain.get(t, t) for t in batches.task_names]
-  step_fn = trainer.jit_train_step(
-      trainer.make_train_step(
-          s["method"], s["model"], s["tx"], len(task_names),
-          config.get("grad_accum", 1), config.seed,
-          dropout=config.get("dropout", False)),
-      s["state_sh"], s["frozen_sh"], mesh)
   total, log_every = config.num_train_steps, config.log_every
   writer = metrics.writer(os.path.join(workdir, "tb"))
   progress = metrics.Progress(start, total, log_every)
   log_file = open(os.path.join(workdir, "metrics.jsonl"), "a") \
       if jax.process_index() == 0 else None
   adapter_key = (config.get("method") or {}).get("adapter_index_from")
+
+  def prepare(host):
+    if adapter_key:
+      host["adapter_index"] = host[adapter_key]
+    return host
+
+  def on_step(done, state, m):
+    scalars = None
+    if done % log_every == 0 or done == total:
+      scalars = metrics.scalars_from_metrics(m, task_names,
+                                             fitter.schedule(done - 1))
+      writer.write_scalars(done, scalars)
+      if log_file:
+        log_file.write(json.dumps({"step": done, **scalars}) + "\n")
+        log_file.flush()
+    progress.update(done, scalars)
+    checkpoint.save(mngr, done, state, force=done == total)
+
   try:
     with sharding.use_mesh(mesh):
-      for step in range(start, total):
-        host = next(batches)
-        if adapter_key:
-          host["adapter_index"] = host[adapter_key]
-        state, m = step_fn(state, s["frozen"], put(host, mesh))
-        done = step + 1
-        scalars = None
-        if done % log_every == 0 or done == total:
-          scalars = metrics.scalars_from_metrics(m, task_names,
-                                                 s["schedule"](step))
-          writer.write_scalars(done, scalars)
-          if log_file:
-            log_file.write(json.dumps({"step": done, **scalars}) + "\n")
-            log_file.flush()
-        progress.update(done, scalars)
-        checkpoint.save(mngr, done, state, force=done == total)
+      state, _ = fitter.run(state, s["frozen"], batches, start, put=put,
+                            prepare=prepare, on_step=on_step)
   finally:
     progress.close()
     writer.flush()

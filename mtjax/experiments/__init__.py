@@ -1,0 +1,13 @@
+"""Experiments: one module per pipeline, each registering its jobs in JOBS.
+
+  train.py           'train': train one method, evaluate (the trainer job)
+  library.py         'library', 'prompt_transfer': multi-run jobs
+  phatgoose.py       'phatgoose': experts, gates, every router on one table
+  soft_injection.py  'soft_injection': zero-shot vs ICL vs soft injection
+
+mtjax.main runs config.job through JOBS; a new experiment is one module here
+whose job function is decorated with @JOBS.register('name').
+"""
+from mtjax.experiments import (library, phatgoose,  # noqa: F401
+                               soft_injection, train)
+from mtjax.experiments.train import JOBS  # noqa: F401

@@ -1,0 +1,683 @@
+r"""The PHATGOOSE experiment: experts, gates, then every router on one table.
+
+Muqeeth et al. 2024 (arXiv:2402.05859); configs/phatgoose.py describes the run.
+
+  run(config, workdir):
+    setup           mesh, data, model; the base (trained on base_mixture for
+                    base_steps, or loaded from model.hf_path)
+    library         one LoRA expert per held-in task, then its PHATGOOSE gates
+                    (mtjax.routing.experts), written to WORKDIR/library
+    config.methods  each entry {'name': row label, 'kind': what runs it
+                    (default: the name), **options} is evaluated on held-in
+                    and held-out tasks; one table, phatgoose_results.json
+
+What runs an entry, looked up by its kind:
+  1. a function registered in `STEPS` here (base, multitask, oracle,
+     task_gate, task_avg, retrieval, poly, mhr, mhr_mu, mhr_z, and the
+     token-level routers below);
+  2. else a router in mtjax.routing.ROUTERS that needs no training: the
+     library's routed params, evaluated (options: top_k, impl);
+  3. else a method in mtjax.methods.METHODS: trained on the held-in mixture
+     from the base for `steps` steps, then evaluated (options: the method's).
+So a new router or method is registered where it is defined, and listed in
+the config; nothing here changes.
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax import data, methods, routing
+from mtjax.data import suite
+from mtjax.evaluation import evaluate, plots
+from mtjax.experiments.train import JOBS
+from mtjax.methods import lora as lora_lib
+from mtjax.methods.full import FullFineTuning
+from mtjax.models import sharding
+from mtjax.registry import Registry
+from mtjax.routing import baselines as rb
+from mtjax.routing import diagnostics as diag_lib
+from mtjax.routing import experts as ex
+from mtjax.training import fit, trainer
+
+# kind -> function(run: Run, entry: dict) -> {task: metrics}.
+STEPS = Registry("PHATGOOSE experiment step")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything an entry needs: the setup, the library, and shared results."""
+  config: object
+  vocab: object
+  reg: object
+  model: object
+  mesh: object
+  kind: str
+  rng: jax.Array
+  lengths: dict
+  held_in: list
+  held_out: list
+  lora: object
+  base: dict = None
+  stacked: dict = None
+  workdir: str = ""
+  diagnostics: dict = dataclasses.field(default_factory=dict)
+  plot: dict = dataclasses.field(default_factory=dict)
+  # Trained params shared by several entries (Poly for poly/mhr/...), by key.
+  trained: dict = dataclasses.field(default_factory=dict)
+  start: float = dataclasses.field(default_factory=time.time)
+
+  @property
+  def tasks(self) -> list:
+    return self.held_in + self.held_out
+
+  @property
+  def own(self) -> dict:
+    return {t: i for i, t in enumerate(self.held_in)}
+
+  def log(self, msg: str) -> None:
+    print(f"[{time.time() - self.start:6.0f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ setup
+
+def setup(config) -> Run:
+  """Mesh, data registry, model and base params (trained if base_steps)."""
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  vocab = data.vocabulary(config.data.vocab)
+  reg = data.register(vocab)
+  rng = jax.random.key(config.seed)
+  model_cfg = config.model.copy_and_resolve_references()
+  if not model_cfg.get("hf_path") and not model_cfg.vocab_size:
+    model_cfg.vocab_size = vocab.vocab_size
+  model, base = trainer.build_model(model_cfg, rng, mesh)
+  run = Run(config=config, vocab=vocab, reg=reg, model=model, mesh=mesh,
+            kind=trainer.model_kind(model), rng=rng,
+            lengths={"inputs": config.data.inputs_length,
+                     "targets": config.data.targets_length},
+            held_in=list(config.held_in or reg.held_in),
+            held_out=list(config.held_out or reg.held_out),
+            lora=lora_lib.LoRA(rank=config.expert.rank,
+                               alpha=config.expert.alpha,
+                               targets=tuple(config.expert.targets)))
+  if config.base_steps:
+    full = FullFineTuning()
+    with sharding.use_mesh(mesh):
+      p, loss = fit_method(run, full, base, rng, config.base_lr,
+                           config.base_steps,
+                           batches(run, config.base_mixture, config.seed + 7))
+    base = p["base"]
+    run.log(f"base: {config.base_steps} steps on {config.base_mixture}, "
+            f"loss {loss:.3f}")
+  run.base = base
+  return run
+
+
+def optimizer(config, lr: float):
+  """config.optimizer with another learning rate."""
+  opt = config.optimizer.copy_and_resolve_references()
+  opt.learning_rate = lr
+  return opt
+
+
+def batches(run: Run, name: str, seed: int):
+  """Training batches of a task or mixture (has .task_names)."""
+  return data.train_batches(run.reg.seqio_name(name), run.vocab, run.lengths,
+                            run.config.batch_size, run.kind, seed=seed)
+
+
+def mixture(run: Run, seed: int) -> tuple:
+  """Held-in mixture batches and its plain task names in mixture order (the
+  'task_index' of each row indexes this list)."""
+  it = batches(run, "held_in", seed)
+  plain = {v: k for k, v in run.reg.names.items()}
+  return it, [plain.get(n, n) for n in it.task_names]
+
+
+def fit_method(run: Run, method, base, rng, lr: float, steps: int, it,
+               by_task: bool = False, fitter: Optional[fit.Fitter] = None):
+  """Trains `method` from `base` on batches `it` with the one fit loop.
+
+  by_task: rows pick their adapter by task ('adapter_index' = task_index).
+  Returns (nested params, last loss); pass `fitter` to reuse a compiled step.
+  """
+  fitter = fitter or fit.Fitter(
+      method, run.model, run.mesh, optimizer(run.config, lr), steps,
+      num_tasks=len(it.task_names), seed=run.config.seed)
+  flat, flat_sh = trainer.init_params(run.model, method, rng, run.mesh, base)
+  prepare = None
+  if by_task:
+    def prepare(host):
+      host["adapter_index"] = host["task_index"]
+      return host
+  return fitter.fit(flat, flat_sh, it, prepare=prepare)
+
+
+def train_library(run: Run, rng) -> dict:
+  """One LoRA expert per held-in task, then its gates: the library."""
+  cfg, lora = run.config, run.lora
+  expert_fit = fit.Fitter(lora, run.model, run.mesh,
+                          optimizer(cfg, cfg.expert_lr), cfg.expert_steps,
+                          seed=cfg.seed)
+  trained = []
+  for i, task in enumerate(run.held_in):
+    p, loss = fit_method(run, lora, run.base, jax.random.fold_in(rng, i),
+                         cfg.expert_lr, cfg.expert_steps,
+                         batches(run, task, cfg.seed + i), fitter=expert_fit)
+    trained.append(p["lora"])
+    run.log(f"expert {task}: {cfg.expert_steps} steps, loss {loss:.3f}")
+  gates = ex.GateTraining(lora)
+  gate_fit = fit.Fitter(gates, run.model, run.mesh,
+                        optimizer(cfg, cfg.gate_lr), cfg.gate_steps,
+                        seed=cfg.seed)
+  library = ex.new_library()
+  for i, task in enumerate(run.held_in):
+    gates.expert = trained[i]
+    p, loss = fit_method(run, gates, run.base, rng, cfg.gate_lr,
+                         cfg.gate_steps,
+                         batches(run, task, cfg.seed + 1000 + i),
+                         fitter=gate_fit)
+    library = ex.add_expert(library, task, trained[i], p["gate"])
+    run.log(f"gates {task}: {cfg.gate_steps} steps, loss {loss:.3f}")
+  return library
+
+
+# ------------------------------------------------------------- evaluation
+
+def eval_fns(run: Run, method) -> dict:
+  """Compiled scorer and greedy decoder of a method (reuse across tasks)."""
+  return {"score": evaluate.make_scorer(method, run.model),
+          "greedy": evaluate.make_greedy(method, run.model,
+                                         run.config.eval.max_new_tokens)}
+
+
+def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
+                    tasks: list, fns: Optional[dict] = None) -> dict:
+  """{task: metrics} with one compiled scorer/greedy for all tasks."""
+  fns = fns or eval_fns(run, method)
+  res = {}
+  for task in tasks:
+    res[task] = evaluate.evaluate_task(
+        fns, run.model, params_for_task(task), task, run.vocab,
+        run.config.eval, run.lengths, run.mesh)
+  run.log(f"[{name}] " + " ".join(f"{t}={headline(m):.3f}"
+                                  for t, m in res.items()))
+  return res
+
+
+def headline(metrics: dict) -> float:
+  for key in ("accuracy", "exact_match"):
+    if key in metrics:
+      return float(metrics[key])
+  return float(next(iter(metrics.values())))
+
+
+def eval_inputs(run: Run, task: str, max_examples: int) -> tuple:
+  """Teacher-forced model-input batches of a task's eval examples."""
+  cfg = run.config
+  exs = data.eval_examples(task, run.vocab, split=cfg.eval.split,
+                           max_examples=max_examples)
+  rows = [(e["input_ids"], e["target_ids"]) for e in exs]
+  bs = cfg.eval.batch_size
+  out = []
+  for start in range(0, len(rows), bs):
+    chunk = rows[start:start + bs]
+    chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed shape, one compile
+    batch = evaluate.score_rows(chunk, run.kind, run.lengths)
+    out.append(data.model_inputs(batch, run.kind))
+  return out, len(rows)
+
+
+class Recorder:
+  """Per-module routing records of a routed method (compiled once)."""
+
+  def __init__(self, run: Run, method):
+    self.run = run
+
+    def records(p, inp):
+      rec = {}
+      method.apply(run.model, p, inp, records=rec)
+      return rec
+    self.fn = jax.jit(records)
+
+  def __call__(self, params, task: str, max_examples: int) -> tuple:
+    """([(records, inputs)] per eval batch, number of real rows)."""
+    out = []
+    inputs, n = eval_inputs(self.run, task, max_examples)
+    for inp in inputs:
+      out.append((jax.device_get(self.fn(params, inp)), jax.device_get(inp)))
+    return out, n
+
+
+def diagnostics(run: Run, recorder: Recorder, params_for_task: Callable,
+                tasks: list, num_experts: int) -> tuple:
+  """Per task: entropy and oracle agreement per layer, load per expert."""
+  out, loads = {}, {}
+  own = run.own
+  for task in tasks:
+    recs, _ = recorder(params_for_task(task), task,
+                       run.config.diagnostics_examples)
+    merged = {}
+    for rec, inp in recs:
+      for path, row in diag_lib.summarize_records(rec, inp, num_experts,
+                                                  own.get(task)).items():
+        m = merged.setdefault(path, {"tokens": 0})
+        n = row["tokens"]
+        for k, v in row.items():
+          if k != "tokens":
+            m[k] = m.get(k, 0.0) + np.asarray(v) * n
+        m["tokens"] += n
+    for m in merged.values():
+      for k in list(m):
+        if k != "tokens":
+          m[k] = m[k] / max(m["tokens"], 1)
+    loads[task] = diag_lib.layer_loads(merged)
+    out[task] = {
+        "entropy_by_layer": diag_lib.by_layer(merged, "entropy"),
+        "load": np.mean([m["load"] for m in merged.values()], 0).tolist()}
+    if task in own:
+      out[task]["top1_own_by_layer"] = diag_lib.by_layer(merged, "top1_own")
+      out[task]["topk_own_by_layer"] = diag_lib.by_layer(merged, "topk_own")
+      out[task]["top1_own"] = float(np.mean(
+          [m["top1_own"] for m in merged.values()]))
+  return out, loads
+
+
+def save_choices(run: Run, recorder: Recorder, params_for_task: Callable,
+                 tasks: list, path: str) -> str:
+  """npz of per-token, per-module choices: '<task>|<module>|idx' etc."""
+  arrays = {}
+  for task in tasks:
+    recs, n = recorder(params_for_task(task), task,
+                       run.config.diagnostics_examples)
+    for mod in recs[0][0]:
+      for key in ("idx", "w"):
+        arrays[f"{task}|{mod}|{key}"] = np.concatenate(
+            [r[mod][key] for r, _ in recs])[:n]
+      arrays[f"{task}|{mod}|mask"] = np.concatenate(
+          [diag_lib.token_mask(mod, r[mod]["idx"].shape[:-1], i)
+           for r, i in recs])[:n]
+  np.savez_compressed(path, **arrays)
+  return path
+
+
+def composing_share(diag: dict, loads: dict, held_in: list,
+                    held_out: list) -> None:
+  """Held-out tasks of the bundled suite compose held-in skills
+  (data.suite.COMPOSES): the share of routed slots on those skills' experts,
+  per layer, next to its chance level len(parts) / E."""
+  for t in held_out:
+    parts = [p for p in suite.COMPOSES.get(t, ()) if p in held_in]
+    if parts:
+      idx = [held_in.index(p) for p in parts]
+      diag[t]["composes"] = parts
+      diag[t]["composing_share_by_layer"] = {
+          layer: float(np.asarray(v)[idx].sum())
+          for layer, v in loads[t].items()}
+
+
+# ---------------------------------------------------------------- entries
+
+def options(entry: dict, *drop: str) -> dict:
+  """An entry's options without its name/kind (and `drop`)."""
+  return {k: v for k, v in entry.items()
+          if k not in ("name", "kind") + drop}
+
+
+def routed(run: Run, kind: str, entry: dict, **leaf_options) -> tuple:
+  """(router, params) of a registered library router for an entry."""
+  opts = {"top_k": run.config.top_k, "impl": run.config.impl,
+          **options(entry)}
+  router = routing.build_router(kind, run.lora, **opts)
+  return router, routing.routed_params(run.base, run.stacked, router,
+                                       **leaf_options)
+
+
+@STEPS.register("base")
+def base_step(run: Run, entry: dict) -> dict:
+  del entry
+  return evaluate_method(run, "base", FullFineTuning(),
+                         lambda t: {"base": run.base}, run.tasks)
+
+
+@STEPS.register("multitask")
+def multitask_step(run: Run, entry: dict) -> dict:
+  """One LoRA (the experts' config) trained on the held-in mixture."""
+  cfg = run.config
+  p, _ = fit_method(run, run.lora, run.base, jax.random.fold_in(run.rng, 2),
+                    entry.get("lr", cfg.expert_lr),
+                    entry.get("steps", cfg.multitask_steps),
+                    batches(run, "held_in", cfg.seed + 3))
+  return evaluate_method(run, entry["name"], run.lora, lambda t: p, run.tasks)
+
+
+def token_router_step(run: Run, entry: dict) -> dict:
+  """A library router evaluated as is; PHATGOOSE and Arrow get diagnostics."""
+  name, kind = entry["name"], entry.get("kind", entry["name"])
+  router, p = routed(run, kind, entry)
+  res = evaluate_method(run, name, router, lambda t: p, run.tasks)
+  if kind in ("phatgoose", "arrow"):
+    recorder = Recorder(run, router)
+    num_e = len(run.held_in)
+    run.diagnostics[name], loads = diagnostics(run, recorder, lambda t: p,
+                                               run.tasks, num_e)
+    if kind == "phatgoose":
+      composing_share(run.diagnostics[name], loads, run.held_in, run.held_out)
+      run.plot["path"] = plots.plot_routing(
+          {t: loads[t] for t in run.held_out}, run.held_in,
+          os.path.join(run.workdir, "routing_held_out.png"),
+          "PHATGOOSE: share of routed tokens per expert, by layer")
+      save_choices(run, recorder, lambda t: p, run.tasks,
+                   os.path.join(run.workdir, "routing_choices.npz"))
+  return res
+
+
+for _kind in ("phatgoose", "arrow", "uniform", "merged"):
+  STEPS.register(_kind)(token_router_step)
+
+
+@STEPS.register("oracle")
+def oracle_step(run: Run, entry: dict) -> dict:
+  """Held-in: the task's own expert; held-out: the best single expert,
+  chosen with the labels (an upper bound)."""
+  num_e, own = len(run.held_in), run.own
+  router, _ = routed(run, "fixed", dict(entry, top_k=1),
+                     weights=np.ones(num_e))
+
+  def with_w(w):
+    return routing.routed_params(run.base, run.stacked, router, weights=w)
+  fns = eval_fns(run, router)
+  res = evaluate_method(run, entry["name"], router,
+                        lambda t: with_w(rb.one_hot(own[t], num_e)),
+                        run.held_in, fns)
+  for t in run.held_out:
+    best = None
+    for e in range(num_e):
+      r = evaluate_method(run, f"expert {run.held_in[e]} on {t}", router,
+                          lambda _, e=e: with_w(rb.one_hot(e, num_e)), [t],
+                          fns)[t]
+      if best is None or headline(r) > headline(best):
+        best = dict(r, expert=run.held_in[e])
+    res[t] = best
+  return res
+
+
+@STEPS.register("task_gate")
+def task_gate_step(run: Run, entry: dict) -> dict:
+  cfg = run.config
+  it, rows = mixture(run, cfg.seed + 6)
+  gate = rb.TaskGateRouting(run.lora, run.stacked, len(rows),
+                            entry.get("top_k", cfg.top_k), cfg.impl)
+  steps = entry.get("steps", cfg.task_gate.steps)
+  p, loss = fit_method(run, gate, run.base, run.rng,
+                       entry.get("lr", cfg.task_gate.lr), steps, it,
+                       by_task=True)
+  run.log(f"task_gate: {steps} steps, loss {loss:.3f}")
+  row = {t: i for i, t in enumerate(rows)}
+  return evaluate_method(run, entry["name"], gate,
+                         lambda t: rb.task_gate_eval_params(p, row.get(t)),
+                         run.tasks)
+
+
+@STEPS.register("task_avg")
+def task_avg_step(run: Run, entry: dict) -> dict:
+  """PHATGOOSE's routing averaged over a task's inputs: one fixed top-k
+  mixture per module and task."""
+  cfg, num_e = run.config, len(run.held_in)
+  top_k = entry.get("top_k", cfg.top_k)
+  scorer, scorer_params = routed(run, "phatgoose", dict(top_k=top_k))
+  recorder = Recorder(run, scorer)
+  router, _ = routed(run, "fixed", dict(top_k=top_k), weights=np.ones(num_e))
+
+  def task_params(t):
+    recs, _ = recorder(scorer_params, t, cfg.diagnostics_examples)
+    w = rb.task_level_weights([r for r, _ in recs], [i for _, i in recs],
+                              num_e, top_k)
+    return routing.routed_params(run.base, run.stacked, router, weights=w)
+  return evaluate_method(run, entry["name"], router, task_params, run.tasks)
+
+
+@STEPS.register("retrieval")
+def retrieval_step(run: Run, entry: dict) -> dict:
+  cfg, num_e = run.config, len(run.held_in)
+  router = rb.RetrievalRouting(run.lora, impl=cfg.impl)
+  per_expert = []
+  for i, t in enumerate(run.held_in):
+    it = batches(run, t, cfg.seed + 5000 + i)
+    per_expert.append([data.model_inputs(next(it), run.kind)
+                       for _ in range(cfg.retrieval_batches)])
+  cen = rb.centroids(run.model, run.base, per_expert)
+  p = dict(routing.routed_params(run.base, run.stacked, router,
+                                 weights=np.ones(num_e)),
+           retrieval={"centroids": cen})
+  res = evaluate_method(run, entry["name"], router, lambda t: p, run.tasks)
+  run.diagnostics[entry["name"]], _ = diagnostics(
+      run, Recorder(run, router), lambda t: p, run.tasks, num_e)
+  return res
+
+
+def poly_step(run: Run, entry: dict) -> dict:
+  """Poly (heads=1) / MHR (heads>1) trained once on the held-in mixture.
+
+  Evaluation: a held-in task uses its learned allocation; on held-out tasks
+  poly/mhr use zero allocation logits (rb.poly_eval_params), mhr_mu the
+  uniform skill average, mhr_z an allocation fitted on the task's data."""
+  cfg, kind = run.config, entry.get("kind", entry["name"])
+  heads = entry.get("heads", 1 if kind == "poly" else cfg.poly.heads)
+  it, poly_tasks = mixture(run, cfg.seed + 4)
+  poly = rb.PolyLoRA(run.lora, len(poly_tasks), cfg.poly.num_skills, heads)
+  key = f"poly heads={heads}"
+  if key not in run.trained:   # poly/mhr/mhr_mu/mhr_z share one training
+    run.trained[key], loss = fit_method(
+        run, poly, run.base, jax.random.fold_in(run.rng, 3), cfg.expert_lr,
+        cfg.poly.steps, it, by_task=True)
+    run.log(f"{'poly' if heads == 1 else 'mhr'}: {cfg.poly.steps} steps, "
+            f"loss {loss:.3f}")
+  params = run.trained[key]
+  poly_own = {t: i for i, t in enumerate(poly_tasks)}   # 'alloc' rows
+  if kind == "mhr_mu":
+    params_for = lambda t: rb.poly_eval_params(params, None)
+  elif kind == "mhr_z":
+    fit_z = alloc_fitter(run, poly, params)
+    params_for = lambda t: (rb.poly_eval_params(params, poly_own[t])
+                            if t in poly_own else fit_z(t))
+  else:
+    params_for = lambda t: rb.poly_eval_params(params, poly_own.get(t))
+  return evaluate_method(run, entry["name"], poly, params_for, run.tasks)
+
+
+for _kind in ("poly", "mhr", "mhr_mu", "mhr_z"):
+  STEPS.register(_kind)(poly_step)
+
+
+def alloc_fitter(run: Run, poly, params) -> Callable:
+  """MHR-z: task -> params with only 'alloc_eval' fitted on the task's
+  training data (few-shot, not zero-shot)."""
+  cfg = run.config
+  zpoly = type(poly)(poly.lora, poly.num_tasks, poly.num_skills, poly.heads)
+  zpoly.trainable = r"alloc_eval/.*"
+  flat = trainer.flatten(rb.poly_eval_params(params, None))
+  replicated = jax.sharding.NamedSharding(run.mesh,
+                                          jax.sharding.PartitionSpec())
+  flat_sh = {k: getattr(v, "sharding", replicated) for k, v in flat.items()}
+  fitter = fit.Fitter(zpoly, run.model, run.mesh, optimizer(cfg, cfg.poly.z_lr),
+                      cfg.poly.z_steps, seed=cfg.seed)
+
+  def fit_task(task):
+    return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000))[0]
+  return fit_task
+
+
+def method_step(run: Run, entry: dict) -> dict:
+  """A registered method trained on the held-in mixture from the base."""
+  cfg = run.config
+  method = methods.build(dict(options(entry, "steps", "lr"),
+                              name=entry.get("kind", entry["name"])))
+  steps = entry.get("steps", cfg.multitask_steps)
+  p, loss = fit_method(run, method, run.base, jax.random.fold_in(run.rng, 2),
+                       entry.get("lr", cfg.expert_lr), steps,
+                       batches(run, "held_in", cfg.seed + 3))
+  run.log(f"{entry['name']}: {steps} steps, loss {loss:.3f}")
+  return evaluate_method(run, entry["name"], method, lambda t: p, run.tasks)
+
+
+def step_for(entry: dict) -> Callable:
+  """The function that runs an entry (see module docstring)."""
+  kind = entry.get("kind", entry["name"])
+  if kind in STEPS:
+    return STEPS.get(kind)
+  if kind in routing.ROUTERS:
+    return token_router_step
+  if kind in methods.METHODS:
+    return method_step
+  raise ValueError(
+      f"config.methods entry {entry!r}: kind {kind!r} is no experiment step "
+      f"({STEPS.names()}), router ({routing.ROUTERS.names()}) or method "
+      f"({methods.METHODS.names()}); register it or fix the name")
+
+
+def run_entries(run: Run, entries: list, continue_on_error: bool = False
+                ) -> tuple:
+  """({row name: {task: metrics}}, {row name: error}) of config entries."""
+  results, errors = {}, {}
+  for entry in entries:
+    entry = dict(entry)
+    step = step_for(entry)
+    t0 = time.time()
+    try:
+      results[entry["name"]] = step(run, entry)
+    except Exception as e:  # noqa: BLE001 (logged; continue_on_error)
+      if not continue_on_error:
+        raise
+      run.log(f"METHOD {entry['name']} FAILED: {type(e).__name__}: {e}")
+      errors[entry["name"]] = f"{type(e).__name__}: {e}"
+    run.log(f"  ({entry['name']}: {time.time() - t0:.0f}s)")
+  return results, errors
+
+
+# -------------------------------------------------------------------- run
+
+def table(results: dict, held_in: list, held_out: list) -> tuple:
+  """Text table (rows methods, columns tasks + averages) and averages dict."""
+  tasks = held_in + held_out
+  cols = tasks + ["avg_held_in", "avg_held_out"]
+  rows, avgs = [], {}
+  for name, res in results.items():
+    vals = {t: headline(res[t]) for t in tasks if t in res}
+    hi = [vals[t] for t in held_in if t in vals]
+    ho = [vals[t] for t in held_out if t in vals]
+    vals["avg_held_in"] = float(np.mean(hi)) if hi else float("nan")
+    vals["avg_held_out"] = float(np.mean(ho)) if ho else float("nan")
+    avgs[name] = {"held_in": vals["avg_held_in"],
+                  "held_out": vals["avg_held_out"]}
+    rows.append((name, vals))
+  short = [c[:9] for c in cols]
+  lines = ["method".ljust(12) + " ".join(s.rjust(9) for s in short)]
+  for name, vals in rows:
+    lines.append(name.ljust(12) + " ".join(
+        f"{vals.get(c, float('nan')):9.3f}" for c in cols))
+  return "\n".join(lines), avgs
+
+
+def check_workdir(workdir: str, config) -> None:
+  """Refuses to overwrite an earlier run's results or library."""
+  done = [f for f in ("phatgoose_results.json", "library")
+          if os.path.exists(os.path.join(workdir, f))]
+  lib_dir = config.get("library_dir") or ""
+  if lib_dir and os.path.abspath(lib_dir) == os.path.abspath(
+      os.path.join(workdir, "library")):
+    done = [f for f in done if f != "library"]   # reusing it on purpose
+  if done:
+    raise FileExistsError(
+        f"{workdir} already holds a PHATGOOSE run ({', '.join(done)}); "
+        "nothing was changed. Use a new --workdir, or reuse its experts and "
+        f"gates with --config.library_dir={os.path.join(workdir, 'library')} "
+        "and a new --workdir.")
+
+
+def selected_entries(config) -> list:
+  """config.methods, filtered by the comma-separated names in config.only."""
+  entries = [dict(e) for e in config.methods]
+  only = [n for n in config.get("only", "").split(",") if n]
+  unknown = sorted(set(only) - {e["name"] for e in entries})
+  if unknown:
+    raise ValueError(f"config.only names {unknown}, which are not in "
+                     f"config.methods {[e['name'] for e in entries]}")
+  return [e for e in entries if not only or e["name"] in only]
+
+
+@JOBS.register("phatgoose")
+def run(config, workdir: str) -> dict:
+  """The full pipeline of configs/phatgoose.py; returns the results dict."""
+  check_workdir(workdir, config)
+  entries = selected_entries(config)
+  for entry in entries:
+    step_for(entry)   # a clear error before anything trains
+  os.makedirs(workdir, exist_ok=True)
+  r = setup(config)
+  r.workdir = workdir
+  with sharding.use_mesh(r.mesh):
+    lib_dir = config.get("library_dir") or os.path.join(workdir, "library")
+    if config.get("library_dir") and os.path.isdir(lib_dir):
+      library = ex.load_library(lib_dir, r.held_in)   # base must match
+      r.log(f"loaded {len(r.held_in)} experts with gates from {lib_dir}")
+    else:
+      library = train_library(r, jax.random.fold_in(r.rng, 1))
+      ex.save_library(library, lib_dir, r.lora)
+      r.log(f"library written to {lib_dir}")
+    r.stacked = ex.stack_library(library)
+    r.log(f"library: {len(r.held_in)} experts, {size_mb(r.stacked):.1f} MB "
+          f"({time.time() - r.start:.0f}s so far)")
+    results, errors = run_entries(r, entries,
+                                  config.get("continue_on_error", False))
+  text, avgs = table(results, r.held_in, r.held_out)
+  out = {"results": results, "averages": avgs, "diagnostics": r.diagnostics,
+         "errors": errors, "experts": r.held_in, "held_out": r.held_out,
+         "library_mb": size_mb(r.stacked),
+         "seconds": time.time() - r.start}
+  with open(os.path.join(workdir, "phatgoose_results.json"), "w") as f:
+    json.dump(out, f, indent=1, default=json_default)
+  report(r, text, errors)
+  return out
+
+
+def report(r: Run, text: str, errors: dict) -> None:
+  """Prints the table and the PHATGOOSE routing diagnostics."""
+  r.log("\n" + text)
+  num_e = len(r.held_in)
+  diag = r.diagnostics.get("phatgoose")
+  if diag:
+    r.log("PHATGOOSE own-expert top-1 rate per layer (held-in; chance "
+          f"{1 / num_e:.3f}):")
+    for t in r.held_in:
+      r.log(f"  {t}: " + " ".join(
+          f"{k}={v:.2f}" for k, v in diag[t]["top1_own_by_layer"].items()))
+    for t in r.held_out:
+      share = diag[t].get("composing_share_by_layer")
+      if share:
+        parts = diag[t]["composes"]
+        r.log(f"  held-out {t}: share of routed tokens on {'+'.join(parts)} "
+              f"(chance {len(parts) / num_e:.2f}): " +
+              " ".join(f"{k}={v:.2f}" for k, v in share.items()))
+  if r.plot:
+    r.log(f"routing plot: {r.plot['path']}")
+  for name, err in errors.items():
+    r.log(f"FAILED {name}: {err}")
+  r.log(f"total {time.time() - r.start:.0f}s; results in {r.workdir}")
+
+
+def size_mb(tree) -> float:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+
+def json_default(x):
+  if isinstance(x, (np.ndarray, jnp.ndarray)):
+    return np.asarray(x).tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return str(x)

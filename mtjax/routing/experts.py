@@ -1,0 +1,188 @@
+"""The stacked expert library and PHATGOOSE gate training.
+
+Muqeeth, Liu, Liu, Raffel, "Learning to Route Among Specialized Experts for
+Zero-Shot Generalization", ICML 2024 (arXiv:2402.05859).
+
+1. Each expert is a LoRA trained on one task (mtjax.methods.lora).
+2. Gate training, per expert and post hoc (base and LoRA frozen): every adapted
+   module gets a gate vector v (init zeros) and computes
+       y = x W + LoRA(x * sigmoid(<x, v>))
+   trained on the expert's own task for a few steps (paper: 100). Gates are
+   stored with the expert, so adding an expert never touches the others.
+3. Routing among the stacked library is mtjax.routing.routed.
+
+A library in memory: {'names': [...], 'experts': [{'lora': tree, 'gate':
+tree}]}; stacked for routing: {path: {'lora_a': (E, d, r), 'lora_b': (E, r,
+o), 'gate': (E, d)}}. With an 'experts' mesh axis (see `expert_mesh`) the
+leading axis is sharded over it by the logical rule ('experts', 'experts').
+"""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax.methods import library as disk
+from mtjax.methods import transform
+from mtjax.models import sharding
+
+
+# ------------------------------------------------------------ gate training
+
+class GateTraining:
+  """One frozen LoRA expert plus trainable PHATGOOSE gates (step 2 above).
+
+  params: {'base', 'lora': single-expert LoRA tree, 'gate': {path: {'gate':
+  (d,)}}}; only 'gate/.*' is trained.
+  """
+  trainable = r"gate/.*"
+  name = "phatgoose_gates"
+
+  def __init__(self, lora, expert=None):
+    self.lora = lora   # a mtjax.methods.lora.LoRA (rank, alpha, targets)
+    self.expert = expert   # the expert's 'lora' tree, for init()
+
+  def init(self, rng, model, base_params=None):
+    """{'lora': the expert (frozen), 'gate': zeros}, boxed like LoRA.init."""
+    del rng, base_params
+    if self.expert is None:
+      raise ValueError("GateTraining.init needs the expert: "
+                       "GateTraining(lora, expert=lora_tree)")
+    return {"lora": self.expert, "gate": self.init_gates(model)}
+
+  def init_gates(self, model):
+    """Zero gate per targeted module, with the kernel's input logical axis."""
+    flat = {p: {"gate": transform.boxed(jnp.zeros((t.shape[0],), jnp.float32),
+                                        (t.in_axis,))}
+            for p, t in self.lora._targets(model).items()}
+    return transform.nest(flat)
+
+  def hook(self, next_fun, x, leaf, ctx):
+    gate = jax.nn.sigmoid(x.astype(jnp.float32) @ leaf["gate"])[..., None]
+    # LoRA's own hook adds the update of the gated input to the base output.
+    return self.lora.hook(lambda _: next_fun(x), (x * gate).astype(x.dtype),
+                          leaf, ctx)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            method=None):
+    inputs = transform.model_kwargs(inputs)
+    tree = merge_leaves(params["lora"], params["gate"])
+    icpt = transform.linear_interceptor(tree, self.hook, None, rng,
+                                        deterministic)
+    return transform.run(model, params["base"], inputs, [icpt], rng=rng,
+                         deterministic=deterministic, method=method)
+
+
+def merge_leaves(*trees):
+  """Per-module dicts merged: {path: {'lora_a', ...}} + {path: {'gate'}}."""
+  out = {}
+  for tree in trees:
+    for path, leaf in transform.flatten(nn.unbox(tree)).items():
+      out[path] = leaf
+  return transform.nest(out)
+
+
+# ----------------------------------------------------------------- library
+
+def new_library():
+  """An expert library: names and one {'lora': tree, 'gate': tree} per expert."""
+  return {"names": [], "experts": []}
+
+
+def add_expert(library, name, lora_tree, gate_tree=None):
+  """A new library with one more expert; existing entries are shared as is."""
+  if name in library["names"]:
+    raise ValueError(f"expert {name!r} is already in the library")
+  entry = {"lora": lora_tree}
+  if gate_tree is not None:
+    entry["gate"] = gate_tree
+  return {"names": library["names"] + [name],
+          "experts": library["experts"] + [entry]}
+
+
+def stack_library(library, with_gates=True):
+  """{path: {'lora_a': (E, d, r), 'lora_b': (E, r, o)[, 'gate': (E, d)]}}."""
+  if not library["experts"]:
+    raise ValueError("the expert library is empty: add experts first")
+  keys = ("lora", "gate") if with_gates else ("lora",)
+  flats = []
+  for i, e in enumerate(library["experts"]):
+    missing = [k for k in keys if k not in e]
+    if missing:
+      raise ValueError(f"expert {library['names'][i]!r} has no {missing}: train "
+                       "its PHATGOOSE gates (train_gates) before routing")
+    flats.append(transform.flatten(merge_leaves(*[e[k] for k in keys])))
+  paths = sorted(flats[0])
+  for name, f in zip(library["names"], flats):
+    if sorted(f) != paths:
+      raise ValueError(f"expert {name!r} adapts different modules than "
+                       f"{library['names'][0]!r}; all experts need the same "
+                       "LoRA targets")
+  return transform.nest({p: jnp.stack([jnp.asarray(f[p]) for f in flats])
+                         for p in paths})
+
+
+def save_library(library, root, lora, overwrite=False):
+  """Writes each expert (LoRA + its gates) as a mtjax.methods.library folder.
+
+  An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
+  writes one new folder and leaves the others' files untouched.
+  """
+  lib = disk.Library(root)
+  cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
+         "targets": list(lora.targets or ())}
+  have = set(e.name for e in lib.list()) if os.path.isdir(root) else set()
+  for name, entry in zip(library["names"], library["experts"]):
+    if name not in have or overwrite:   # existing experts are left as they are
+      lib.add(name, cfg, entry, task=name, overwrite=overwrite)
+  return root
+
+
+def load_library(root, names=None):
+  """The in-memory library from expert folders written by `save_library`."""
+  lib = disk.Library(root)
+  names = names or [e.name for e in lib.list()]
+  out = new_library()
+  for name in names:
+    params = lib.get(name).params()
+    out = add_expert(out, name, params["lora"], params.get("gate"))
+  return out
+
+
+LOGICAL = {"lora_a": lambda t: ("experts", t.in_axis, "rank"),
+           "lora_b": lambda t: ("experts", "rank", t.out_axis),
+           "gate": lambda t: ("experts", t.in_axis),
+           "proto": lambda t: ("experts", t.in_axis),
+           "weights": lambda t: ("experts",)}
+
+
+def expert_axes(stacked, model):
+  """Tree of logical axis names for a stacked library (for sharding)."""
+  mods = transform.linear_modules(transform.abstract_params(model))
+  flat = {}
+  for path, _ in transform.flatten(stacked).items():
+    mod, leaf = path.rsplit("/", 1)
+    flat[path] = LOGICAL[leaf](mods[mod])
+  return transform.nest(flat)
+
+
+def expert_mesh(num_expert_shards, devices=None):
+  """Mesh (data, fsdp, tensor, experts): experts sharded over the last axis.
+
+  Tokens are split over 'data' as usual; each expert shard holds E/n experts
+  of every module, and XLA partitions the sorted-assignment gathers over it.
+  """
+  return sharding.make_mesh((-1, 1, 1, num_expert_shards),
+                            sharding.MESH_AXES + ("experts",), devices)
+
+
+def shard_experts(stacked, model, mesh):
+  """Places a stacked library by the logical rules ('experts' -> 'experts')."""
+  axes = expert_axes(stacked, model)
+  return jax.tree.map(
+      lambda x, names: jax.device_put(x, jax.sharding.NamedSharding(
+          mesh, sharding.logical_to_spec(names, x.shape, mesh))),
+      stacked, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
