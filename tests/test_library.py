@@ -25,7 +25,7 @@ def tiny_lora_tree(seed, d=8, r=2):
       "lora_b": rs.normal(size=(r, d)).astype(np.float32)}}}}}}
 
 
-def test_listing_is_lazy_and_fast(tmp_path):
+def test_listing_is_lazy(tmp_path):
   lib = library.Library(tmp_path / "lib")
   cfg = {"name": "lora", "rank": 2, "alpha": 4.0}
   for i in range(N_EXPERTS):
@@ -40,7 +40,8 @@ def test_listing_is_lazy_and_fast(tmp_path):
   print(f"listed {len(experts)} experts in {seconds * 1000:.1f} ms")
   assert len(experts) == N_EXPERTS
   assert experts[7].info["steps"] == 70 and experts[7].task == "task_007"
-  assert seconds < 2.0
+  # Laziness is shown by the corrupt weight files below, not by a timing (a
+  # timed assertion would depend on the machine's load).
   with pytest.raises(ValueError, match="cannot read"):
     experts[0].params()
 
