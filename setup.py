@@ -37,7 +37,7 @@ setuptools.setup(
     name="mtjax",
     version="0.1.0",
     description="Multitask learning of language models in JAX/Flax.",
-    packages=setuptools.find_packages(include=["mtjax", "mtjax.*"]),
+    packages=setuptools.find_packages(include=["mtjax", "mtjax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

@@ -2,7 +2,7 @@ r"""One LoRA expert per task of a mixture, written into an expert library.
 
   python -m mtjax.main --config=configs/lora_expert.py --workdir=workdirs/lib
 
-(main dispatches config.job == 'library' to mtjax.methods.library.
+(main dispatches config.job == 'library' to mtjax.experiments.library.
 train_library.) Each task of `library.tasks` is trained alone with LoRA (rank
 8 on attention q/v and the FFN output, Hu et al. 2021) on the same frozen base,
 in WORKDIR/runs/<task>; the finished adapter and its evaluation metrics go to
@@ -15,6 +15,8 @@ e.g. --config.model.hf_path=workdirs/quickstart_hf).
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -22,12 +24,7 @@ def get_config():
   c.seed = 0
   c.overwrite_config = False
 
-  c.model = ml_collections.ConfigDict(dict(
-      hf_path="", arch="t5", dtype="float32",
-      vocab_size=259, d_model=128, d_kv=32, num_heads=4, d_ff=512,
-      num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
-      tie_word_embeddings=False, dropout_rate=0.0,
-      relative_attention_num_buckets=32, relative_attention_max_distance=64))
+  c.model = common.tiny_t5()
   c.method = ml_collections.ConfigDict(dict(
       name="lora", rank=8, alpha=16.0, dropout=0.0,
       targets=(r".*(SelfAttention|EncDecAttention)/(q|v)",
@@ -39,25 +36,18 @@ def get_config():
       tasks="held_in",  # 'held_in' | 'held_out' | 'task_a,task_b'
       root=""))         # "" = WORKDIR/library
 
-  c.data = ml_collections.ConfigDict(dict(
-      vocab="byte", mixture="", inputs_length=64, targets_length=16,
-      pack=False, seed=0))
+  c.data = common.byte_data(mixture="")  # each task of library.tasks alone
 
   c.batch_size = 32
   c.grad_accum = 1
   c.num_train_steps = 300
   c.dropout = False
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, warmup_steps=20, decay="cosine",
-      end_factor=0.1, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
-      grad_clip=1.0))
+  c.optimizer = common.adamw(learning_rate=3e-3)
 
   c.mesh_shape = (-1, 1, 1)
   c.log_every = 50
   c.checkpoint_every = 300
   c.keep_checkpoints = 1
 
-  c.eval = ml_collections.ConfigDict(dict(
-      groups=(), split="validation", max_examples=100, batch_size=64,
-      max_new_tokens=16))
+  c.eval = common.eval_block()  # each expert on its own task
   return c

@@ -8,27 +8,15 @@ fake CPU devices, or as 1 x 8 (same batches: data.shard_by='rows'):
   python launch/local.py --num_processes=2 --devices_per_process=4 -- \
       python -m mtjax.main --config=configs/multihost_tiny.py --workdir=/tmp/mh2
 """
-import importlib.util
-import os
-
-
-def _quickstart():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "quickstart.py")
-  spec = importlib.util.spec_from_file_location("_mtjax_quickstart", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from configs import common, quickstart
 
 
 def get_config():
-  c = _quickstart()
-  c.model.update(hf_path="", arch="t5", dtype="float32", vocab_size=259,
-                 d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=1,
-                 num_decoder_layers=1, feed_forward_proj="gated-gelu",
-                 tie_word_embeddings=False, dropout_rate=0.0)
+  c = quickstart.get_config()
+  c.model = common.tiny_t5(d_model=32, d_kv=16, num_heads=2, d_ff=64,
+                           num_layers=1, num_decoder_layers=1)
   # Every process reads the whole stream and keeps its rows: the batches do
-  # not depend on the number of processes (see mtjax/training/train.py).
+  # not depend on the number of processes (see mtjax/experiments/train.py).
   c.data.update(inputs_length=32, targets_length=8, shard_by="rows")
   c.batch_size = 16
   c.num_train_steps = 12

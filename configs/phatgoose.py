@@ -28,6 +28,11 @@ The default run takes about 20 minutes on 2 CPU cores (1180 s measured).
 """
 import ml_collections
 
+from configs import common
+
+# --config=configs/phatgoose.py:VARIANT; the first is get_config()'s default.
+VARIANTS = ("llama", "t5")
+
 
 def get_config(arch="llama"):
   c = ml_collections.ConfigDict()
@@ -38,35 +43,27 @@ def get_config(arch="llama"):
     # the held-in formats (parity 1.00, compare 0.95 exact) where a T5 of the
     # same size still copies nothing (exact match 0.000 on copy, 0.016 on
     # reverse).
-    c.model = ml_collections.ConfigDict(dict(
-        hf_path="", arch="llama", dtype="float32", vocab_size=259,
-        hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=0, eos_token_id=1))
+    c.model = common.tiny_llama(hidden_size=64, intermediate_size=192,
+                                num_hidden_layers=2)
     targets = (r"model/layers_.*",)
   elif arch == "t5":
     # The paper's architecture (T5 LM-adapted): LoRA on every encoder and
     # decoder linear layer.
-    c.model = ml_collections.ConfigDict(dict(
-        hf_path="", arch="t5", dtype="float32",
-        vocab_size=259, d_model=64, d_kv=16, num_heads=4, d_ff=128,
-        num_layers=2, num_decoder_layers=2, feed_forward_proj="relu",
-        tie_word_embeddings=False, dropout_rate=0.0,
-        relative_attention_num_buckets=32, relative_attention_max_distance=64))
+    c.model = common.tiny_t5(d_model=64, d_kv=16, d_ff=128,
+                             feed_forward_proj="relu")
     targets = (r"(encoder|decoder)/.*",)
   else:
     raise ValueError(f"phatgoose arch {arch!r}: use 'llama' or 't5' "
                      "(--config=configs/phatgoose.py:t5)")
-  c.data = ml_collections.ConfigDict(dict(
-      vocab="byte", inputs_length=64, targets_length=16))
+  # The pipeline picks its own mixtures (base_mixture, held_in, held_out).
+  c.data = common.byte_data(mixture=common.OMIT, pack=common.OMIT,
+                            seed=common.OMIT)
   c.held_in = ()    # () = the suite's held-in tasks (one expert each)
   c.held_out = ()   # () = the suite's held-out tasks
 
   c.batch_size = 32
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, warmup_steps=0, decay="constant",
-      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  c.optimizer = common.adamw(learning_rate=3e-3, warmup_steps=0,
+                             decay="constant", end_factor=common.OMIT)
   # Base: full fine-tuning on base_mixture (0 steps: keep the init / hf_path).
   c.base_steps = 1500
   c.base_lr = 3e-3
@@ -100,6 +97,5 @@ def get_config(arch="llama"):
   c.library_dir = ""  # load experts+gates from here (an expert library)
 
   c.mesh_shape = (-1, 1, 1)
-  c.eval = ml_collections.ConfigDict(dict(
-      split="validation", max_examples=64, batch_size=64, max_new_tokens=16))
+  c.eval = common.eval_block(groups=common.OMIT, max_examples=64)
   return c

@@ -2,31 +2,20 @@ r"""Multitask prompt transfer (Wang et al. 2023, MPT): source, then targets.
 
   python -m mtjax.main --config=configs/prompt_transfer.py --workdir=workdirs/mpt
 
-(main dispatches config.job == 'prompt_transfer' to mtjax.methods.library.
-train_prompt_transfer.) Stage 1 trains a shared prompt S (P x d) times
-per-task rank-1 factors u_t v_t^T jointly on the held-in mixture (the batch's
-task_index selects each row's prompt); stage 2 tunes a plain prompt on each
-held-out task, initialised from S. Compare with configs/prompt_tuning.py
-(vocabulary init) to see the transfer.
+(main dispatches config.job == 'prompt_transfer' to
+mtjax.experiments.library.train_prompt_transfer.) Stage 1 trains a shared
+prompt S (P x d) times per-task rank-1 factors u_t v_t^T jointly on the
+held-in mixture (the batch's task_index selects each row's prompt); stage 2
+tunes a plain prompt on each held-out task, initialised from S. Compare with
+configs/prompt_tuning.py (vocabulary init) to see the transfer.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _prompt_tuning_config():
-  """configs/prompt_tuning.py's get_config (configs are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "prompt_tuning.py")
-  spec = importlib.util.spec_from_file_location("_prompt_tuning_cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from configs import prompt_tuning
 
 
 def get_config():
-  c = _prompt_tuning_config()
+  c = prompt_tuning.get_config()
   c.job = "prompt_transfer"
   c.method.update(init="vocab")
   c.transfer = ml_collections.ConfigDict(dict(

@@ -10,9 +10,10 @@ match of the greedy answer) and inference time per example, and writes to
 WORKDIR: soft_injection_results.json, soft_injection_table.txt,
 alpha_heatmap.png, head_overlap.{json,txt}, task_embeddings/<task>/.
 
-  python -m mtjax.methods.soft_injection --config=configs/soft_injection.py \
+  python -m mtjax.main --config=configs/soft_injection.py \
       --workdir=workdirs/soft_injection
-(python -m mtjax.main with the same flags where main dispatches config.job).
+(main dispatches config.job == 'soft_injection' to
+mtjax.experiments.soft_injection.run_experiment).
 """
 import ml_collections
 

@@ -25,6 +25,14 @@ def _load_config(spec):
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise SystemExit(f"--config={spec}: no such file {path!r}")
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(os.path.join(folder, "__init__.py")):
+    # A config in a package (configs/) imports its siblings by package name
+    # (`from configs import common`): the package's parent goes on sys.path
+    # so that they come from the same checkout as the file, installed or not.
+    root = os.path.dirname(folder)
+    if root not in sys.path:
+      sys.path.insert(0, root)
   module_spec = importlib.util.spec_from_file_location("_mtjax_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

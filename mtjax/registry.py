@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 class Registry:
   """A named table of constructors (classes or functions)."""
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str) -> None:
     self.kind = kind
     self._table: dict = {}
 
@@ -51,8 +51,8 @@ class Registry:
     """Keyword options the constructor of `name` accepts."""
     return sorted(options_of(self.get(name)))
 
-  def build(self, config: Mapping[str, Any], *args,
-            ignore: Iterable[str] = ("name",), **extra) -> Any:
+  def build(self, config: Mapping[str, Any], *args: Any,
+            ignore: Iterable[str] = ("name",), **extra: Any) -> Any:
     """Calls the constructor of config['name'] with the config's options.
 
     Positional `args` and keyword `extra` are passed as they are (things that

@@ -88,7 +88,8 @@ Inputs carry EOS (seqio/T5 convention) in batches and eval_examples.
 """
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from mtjax.data import pipeline, suite, templates, tasks, vocab as vocab_lib
+from mtjax.data import pipeline, suite, tasks, templates
+from mtjax.data import vocab as vocab_lib
 from mtjax.data.tasks import Registered, default_data_dir  # noqa: F401
 
 

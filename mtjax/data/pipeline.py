@@ -223,7 +223,7 @@ def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
   restrict the loss to targets.
   """
   packed = "decoder_segment_ids" in batch
-  real = lambda k: (batch[k] != 0).astype(np.int32)  # noqa: E731
+  real = lambda k: (batch[k] != 0).astype(np.int32)
   if model_kind == "encoder_decoder":
     out = dict(input_ids=batch["encoder_input_tokens"],
                attention_mask=real("encoder_segment_ids" if packed

@@ -13,6 +13,7 @@ BLOOMZ/mT0 (Muennighoff et al., 2023, arXiv:2211.01786): one rank
 classification task per (dataset, promptsource template), scored by median
 or mean over templates.
 """
+import bz2
 import collections
 import csv
 import dataclasses
@@ -114,7 +115,6 @@ def read_tsv(path, on_bad_row="error", skipped=None) -> List[Tuple[int, dict]]:
 
 def read_hellaswag(path, on_bad_row="error", skipped=None):
   """HellaSwag .txt(.bz2): 6 lines per item (label: context, gold, 4 endings)."""
-  import bz2  # pylint: disable=g-import-not-at-top
   opener = bz2.open if str(path).endswith(".bz2") else open
   with opener(path, "rt", encoding="utf-8") as f:
     lines = f.read().split("\n")

@@ -17,8 +17,8 @@ import functools
 import pathlib
 import random
 import re
-from typing import Any, Dict, List, Optional, Tuple
 import zlib
+from typing import Any, Dict, List, Optional, Tuple
 
 import jinja2
 import jinja2.meta

@@ -11,8 +11,10 @@ import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
+import sentencepiece as spm
 import seqio
 import tensorflow as tf
+import tokenizers
 
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|im_end|>", "[SEP]")
 
@@ -25,7 +27,6 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
   """
 
   def __init__(self, path: str, eos_token: Optional[str] = None):
-    import tokenizers  # pylint: disable=g-import-not-at-top
     self._path = str(path)
     if not os.path.exists(self._path):
       raise FileNotFoundError(f"HF tokenizer file {self._path} does not exist; "
@@ -131,7 +132,6 @@ def key(vocab: seqio.Vocabulary) -> str:
 def train_sentencepiece(texts: Sequence[str], model_prefix: str,
                         vocab_size: int = 256, model_type: str = "bpe") -> str:
   """Trains a sentencepiece model with seqio's id layout (pad 0, eos 1, unk 2)."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
     f.write("\n".join(texts))
     corpus = f.name

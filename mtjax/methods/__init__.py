@@ -16,6 +16,8 @@ one class decorated with `@METHODS.register('name')`; `build` checks a
 config's options against its constructor. library.py holds the expert library
 and PEFT interchange, adapters.py adapter files.
 """
+from typing import Any, Mapping, Optional
+
 from mtjax.methods import (adapters, full, ia3, library, lora,  # noqa: F401
                            prompt_tuning, soft_injection, transform)
 from mtjax.methods.transform import METHODS
@@ -24,7 +26,8 @@ from mtjax.methods.transform import METHODS
 JOB_KEYS = ("name", "adapter_index_from")
 
 
-def build(method_config=None, model=None):
+def build(method_config: Optional[Mapping[str, Any]] = None,
+          model: Any = None) -> Any:
   """A method object from a config (ConfigDict or dict); None/{} is 'full'.
 
   The options are checked against the registered constructor's signature.

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -33,18 +34,20 @@ from mtjax.models import hf
 EXPERT_JSON = "expert.json"
 WEIGHTS = "weights.safetensors"
 
+Model = Any  # a flax linen module (mtjax.models)
 
-def to_flat_numpy(tree):
+
+def to_flat_numpy(tree: dict) -> dict:
   """Nested method params -> {'/'-joined path: np.ndarray f32}."""
   return {k: np.ascontiguousarray(np.asarray(jax.device_get(v)))
           for k, v in transform.flatten(nn.unbox(tree)).items()}
 
 
-def from_flat(flat):
+def from_flat(flat: Mapping[str, Any]) -> dict:
   return transform.nest(dict(flat))
 
 
-def fingerprint(params):
+def fingerprint(params: dict) -> str:
   """Short sha256 over the base params' names, shapes and bytes."""
   h = hashlib.sha256()
   for k, v in sorted(to_flat_numpy(params).items()):
@@ -55,7 +58,7 @@ def fingerprint(params):
 
 
 
-def jsonable(x):
+def jsonable(x: Any) -> Any:
   return json.loads(json.dumps(x, default=lambda o: (
       o.tolist() if hasattr(o, "tolist") else str(o))))
 
@@ -63,7 +66,7 @@ def jsonable(x):
 
 # --------------------------------------------------------------------- PEFT
 
-def module_maps(model) -> tuple:
+def module_maps(model: Model) -> tuple:
   """({mtjax module path: hf module name}, same reversed) for Linear modules."""
   arch = hf.arch_module(model.config.model_type)
   to_hf = {}
@@ -75,7 +78,7 @@ def module_maps(model) -> tuple:
   return to_hf, {v: k for k, v in to_hf.items()}
 
 
-def read_peft(folder: str, model) -> tuple:
+def read_peft(folder: str, model: Model) -> tuple:
   """(LoRA options {rank, alpha, dropout, targets}, {'lora': params}) of a PEFT
   LoRA adapter folder."""
   cfg_file = os.path.join(folder, "adapter_config.json")
@@ -131,7 +134,8 @@ def read_peft(folder: str, model) -> tuple:
 
 # --------------------------------------------------- adapter checkpoints
 
-def save_adapter(folder: str, params: dict, method_config=None) -> None:
+def save_adapter(folder: str, params: dict,
+                 method_config: Optional[Mapping[str, Any]] = None) -> None:
   """Orbax checkpoint of method params only (no base), plus method.json."""
   folder = os.path.abspath(folder)
   tree = {k: v for k, v in nn.unbox(params).items() if k != "base"}
@@ -145,7 +149,7 @@ def save_adapter(folder: str, params: dict, method_config=None) -> None:
       json.dump(jsonable(cfg), f, indent=1)
 
 
-def load_adapter(path: str, model=None) -> dict:
+def load_adapter(path: str, model: Optional[Model] = None) -> dict:
   """Method params {'lora': ...} from an orbax adapter checkpoint, an expert
   folder, a PEFT folder (needs `model`), or a trainer workdir (latest step).
 

@@ -1,5 +1,11 @@
 """Full fine-tuning in the method contract: no extra params, all base trainable."""
+from typing import Any, Callable, Optional, Union
+
+import jax
+
 from mtjax.methods import transform
+
+Model = Any  # a flax linen module (mtjax.models)
 
 
 @transform.METHODS.register("full")
@@ -8,12 +14,14 @@ class FullFineTuning:
   name = "full"
   trainable = "base/.*"
 
-  def init(self, rng, model, base_params) -> dict:
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict]) -> dict:
     del rng, model, base_params
     return {}
 
-  def apply(self, model, params: dict, inputs: dict, *, rng=None,
-            deterministic: bool = True, method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     inputs = {k: v for k, v in inputs.items() if k != "adapter_index"}
     rngs = {"dropout": rng} if rng is not None else {}
     return model.apply({"params": params["base"]}, **inputs,

@@ -14,7 +14,10 @@ and inputs['adapter_index'] picks one per example.
 Config: targets (output-rescaled regexes), ff_targets (input-rescaled regexes),
 num_experts=0.
 """
+from typing import Any, Callable, Optional, Sequence, Union
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mtjax.methods import transform
@@ -25,13 +28,17 @@ DEFAULTS = {
 }
 DECODER_DEFAULTS = ((r".*self_attn/(k_proj|v_proj)",), (r".*mlp/down_proj",))
 
+Model = Any  # a flax linen module (mtjax.models)
+
 
 @transform.METHODS.register("ia3")
 class IA3:
   """The (IA)3 method (see module docstring)."""
   trainable = r"ia3/.*"
 
-  def __init__(self, targets=None, ff_targets=None, num_experts=0):
+  def __init__(self, targets: Union[str, Sequence[str], None] = None,
+               ff_targets: Union[str, Sequence[str], None] = None,
+               num_experts: int = 0) -> None:
     self.targets = None if targets is None else tuple(
         [targets] if isinstance(targets, str) else targets)
     self.ff_targets = None if ff_targets is None else tuple(
@@ -49,7 +56,8 @@ class IA3:
                        "ff_targets; a module is rescaled at its output or input")
     return out, ff
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict] = None) -> dict:
     del rng, base_params  # (IA)3 vectors start at one
     lead = (self.num_experts,) if self.num_experts else ()
     lead_axes = ("adapters",) if self.num_experts else ()
@@ -71,7 +79,8 @@ class IA3:
       return vec
     return vec.reshape(vec.shape[:1] + (1,) * (x.ndim - 2) + vec.shape[1:])
 
-  def hook(self, next_fun, x, leaf, ctx):
+  def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
+           ctx: transform.HookContext) -> jax.Array:
     if "scale_in" in leaf:
       s = transform.select(leaf["scale_in"], ctx.adapter_index, 1)
       return next_fun((x * self._broadcast(s, x).astype(x.dtype)))
@@ -79,8 +88,9 @@ class IA3:
     s = transform.select(leaf["scale"], ctx.adapter_index, 1)
     return y * self._broadcast(s, y).astype(y.dtype)
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     inputs = transform.model_kwargs(inputs)
     icpt = transform.linear_interceptor(
         nn.unbox(params["ia3"]), self.hook, inputs.get("adapter_index"), rng,

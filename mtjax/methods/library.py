@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+from typing import Any, List, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,8 @@ from mtjax.methods.adapters import EXPERT_JSON, WEIGHTS
 
 FORMAT = "mtjax-expert-v1"
 
+Model = Any  # a flax linen module (mtjax.models)
+
 
 @dataclasses.dataclass
 class Expert:
@@ -44,11 +47,11 @@ class Expert:
   info: dict
 
   @property
-  def method(self):
+  def method(self) -> dict:
     return self.info["method"]
 
   @property
-  def task(self):
+  def task(self) -> Optional[str]:
     return self.info.get("task")
 
   def params(self) -> dict:
@@ -58,11 +61,13 @@ class Expert:
 class Library:
   """A folder of experts (see module docstring)."""
 
-  def __init__(self, root):
+  def __init__(self, root: str) -> None:
     self.root = os.path.abspath(root)
 
-  def add(self, name, method_config, params, *, task=None, base_model=None,
-          base_params=None, steps=None, metrics=None, overwrite=False):
+  def add(self, name: str, method_config: Mapping[str, Any], params: dict, *,
+          task: Optional[str] = None, base_model: Optional[str] = None,
+          base_params: Optional[dict] = None, steps: Optional[int] = None,
+          metrics: Optional[dict] = None, overwrite: bool = False) -> Expert:
     """Writes one expert; `params` = method trees, e.g. {'lora': {...}}."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
       raise ValueError(f"expert name {name!r}: use letters, digits, '_.-'")
@@ -85,7 +90,8 @@ class Library:
       json.dump(info, f, indent=1)
     return Expert(name, folder, info)
 
-  def list(self):
+  # Below this method `list` names it, not the builtin: annotations say List.
+  def list(self) -> List[Expert]:
     """All experts (metadata only), sorted by name."""
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"expert library {self.root} does not exist")
@@ -97,14 +103,14 @@ class Library:
           out.append(Expert(entry.name, entry.path, json.load(f)))
     return out
 
-  def get(self, name):
+  def get(self, name: str) -> Expert:
     meta = os.path.join(self.root, name, EXPERT_JSON)
     if not os.path.exists(meta):
       raise KeyError(f"no expert {name!r} in {self.root}")
     with open(meta) as f:
       return Expert(name, os.path.dirname(meta), json.load(f))
 
-  def stack(self, names):
+  def stack(self, names: Sequence[str]) -> tuple:
     """(method_config with num_experts=E, params with a leading E axis)."""
     experts = [self.get(n) for n in names]
     configs = {json.dumps({k: v for k, v in e.method.items()
@@ -124,7 +130,8 @@ class Library:
 
 # --------------------------------------------------------------------- PEFT
 
-def export_peft(model, method, params, folder, base_model_name_or_path=None):
+def export_peft(model: Model, method: lora_lib.LoRA, params: dict, folder: str,
+                base_model_name_or_path: Optional[str] = None) -> None:
   """Writes a single LoRA adapter in PEFT's format (see module docstring)."""
   if not isinstance(method, lora_lib.LoRA):
     raise ValueError("PEFT export covers LoRA; got "
@@ -168,7 +175,7 @@ def export_peft(model, method, params, folder, base_model_name_or_path=None):
             metadata={"format": "pt"})
 
 
-def import_peft(folder: str, model) -> tuple:
+def import_peft(folder: str, model: Model) -> tuple:
   """(LoRA method, {'lora': params}) from a PEFT LoRA adapter folder."""
   options, params = adapters.read_peft(folder, model)
   method = lora_lib.LoRA(**options)

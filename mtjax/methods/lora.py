@@ -17,6 +17,7 @@ targets=(regexes over module paths, e.g. '.*self_attn/(q_proj|v_proj)'),
 init_a='kaiming_uniform'|'gaussian', num_experts=0 (0: a single adapter).
 """
 import math
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -30,8 +31,10 @@ DEFAULT_TARGETS = {
 }
 DEFAULT_DECODER_TARGETS = (r".*self_attn/(q_proj|v_proj)",)
 
+Model = Any  # a flax linen module (mtjax.models)
 
-def default_targets(model):
+
+def default_targets(model: Model) -> tuple:
   return DEFAULT_TARGETS.get(model.config.model_type, DEFAULT_DECODER_TARGETS)
 
 
@@ -40,8 +43,10 @@ class LoRA:
   """The LoRA method (see module docstring)."""
   trainable = r"lora/.*"
 
-  def __init__(self, rank=8, alpha=16.0, dropout=0.0, targets=None,
-               init_a="kaiming_uniform", num_experts=0, init_from=None):
+  def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: Union[str, Sequence[str], None] = None,
+               init_a: str = "kaiming_uniform", num_experts: int = 0,
+               init_from: Optional[str] = None) -> None:
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if init_a not in ("kaiming_uniform", "gaussian"):
@@ -53,13 +58,14 @@ class LoRA:
     self.init_from = init_from or None
 
   @property
-  def scale(self):
+  def scale(self) -> float:
     return self.alpha / self.rank
 
   def _targets(self, model):
     return transform.resolve_targets(model, self.targets or default_targets(model))
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict] = None) -> dict:
     """Method params; leaves are nn.LogicallyPartitioned (nn.unbox for arrays)."""
     del base_params  # shapes come from the abstract model
     loaded = self._load(model) if self.init_from else None
@@ -105,7 +111,8 @@ class LoRA:
                        f"{b_shape} (rank / num_experts differ?)")
     return a, b
 
-  def hook(self, next_fun, x, leaf, ctx):
+  def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
+           ctx: transform.HookContext) -> jax.Array:
     y = next_fun(x)
     dtype = ctx.module.dtype
     a = transform.select(leaf["lora_a"], ctx.adapter_index, 2).astype(dtype)
@@ -118,8 +125,9 @@ class LoRA:
                          jnp.einsum("b...i,bir->b...r", h, a), b)
     return y + (delta * self.scale).astype(y.dtype)
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     inputs = transform.model_kwargs(inputs)
     icpt = transform.linear_interceptor(
         nn.unbox(params["lora"]), self.hook, inputs.get("adapter_index"), rng,
@@ -127,7 +135,7 @@ class LoRA:
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
                          deterministic=deterministic, method=method)
 
-  def merge(self, model, params):
+  def merge(self, model: Model, params: dict) -> dict:
     """Base params with B A * scale folded into the kernels (single adapter)."""
     base = jax.tree.map(lambda x: x, params["base"])
     for path, leaf in transform.flatten(params["lora"]).items():

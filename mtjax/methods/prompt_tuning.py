@@ -21,11 +21,13 @@ index) picks each example's prompt. The learned S initialises target-task
 prompts (prompt transfer, `init_from`).
 """
 import re
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from mtjax.methods import adapters, transform
 from mtjax.models import layers
@@ -34,8 +36,10 @@ from mtjax.models import layers
 ENCODER_SCOPE = r"(encoder(/.*)?:.*|:encode)"
 EMBED_PATTERN = r"(.*/)?(shared|embed_tokens|word_embeddings|wte)"
 
+Model = Any  # a flax linen module (mtjax.models)
 
-def embedding_path(model, pattern=EMBED_PATTERN):
+
+def embedding_path(model: Model, pattern: str = EMBED_PATTERN) -> str:
   """'/'-joined path of the input token embedding module (a layers.Embed)."""
   flat = transform.flatten(nn.unbox(transform.abstract_params(model)))
   paths = sorted(p[:-len("/embedding")] for p in flat
@@ -47,13 +51,15 @@ def embedding_path(model, pattern=EMBED_PATTERN):
   return hits[0]
 
 
-def embedding_table(model, base_params, pattern=EMBED_PATTERN):
+def embedding_table(model: Model, base_params: dict,
+                    pattern: str = EMBED_PATTERN) -> jax.Array:
   path = embedding_path(model, pattern)
   return transform.lookup(base_params, path.split("/"))["embedding"]
 
 
-def prompt_init(rng, table, length, init="vocab", sample_vocab=5000,
-                label_ids=()):
+def prompt_init(rng: jax.Array, table: ArrayLike, length: int,
+                init: str = "vocab", sample_vocab: int = 5000,
+                label_ids: Sequence[int] = ()) -> jax.Array:
   """(length, d) initial prompt from an embedding table (vocab, d)."""
   vocab, d = table.shape
   if init == "uniform":
@@ -75,9 +81,12 @@ class PromptTuning:
   """Soft prompt of `length` vectors (one, or one per task with num_tasks)."""
   trainable = r"prompt/.*"
 
-  def __init__(self, length=20, init="vocab", sample_vocab=5000, label_ids=(),
-               init_from=None, embedding=EMBED_PATTERN, scope=None,
-               num_experts=0, placeholder_id=None):
+  def __init__(self, length: int = 20, init: str = "vocab",
+               sample_vocab: int = 5000, label_ids: Sequence[int] = (),
+               init_from: Union[str, ArrayLike, None] = None,
+               embedding: str = EMBED_PATTERN, scope: Optional[str] = None,
+               num_experts: int = 0,
+               placeholder_id: Optional[int] = None) -> None:
     if length < 0:
       raise ValueError(f"prompt length must be >= 0, got {length}")
     self.length, self.init_kind, self.sample_vocab = int(length), init, sample_vocab
@@ -110,7 +119,8 @@ class PromptTuning:
     return prompt_init(rng, table, self.length, self.init_kind, self.sample_vocab,
                        self.label_ids)
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: jax.Array, model: Model,
+           base_params: Optional[dict] = None) -> dict:
     prompt = self._initial(rng, model, base_params)
     if self.num_experts:
       prompt = jnp.broadcast_to(prompt, (self.num_experts,) + prompt.shape)
@@ -119,13 +129,15 @@ class PromptTuning:
     return {"prompt": {"embedding": transform.boxed(prompt, ("length", "embed"))}}
 
 
-  def prompts(self, params, adapter_index):
+  def prompts(self, params: dict,
+              adapter_index: Optional[jax.Array]) -> jax.Array:
     """(P, d) or per-example (B, P, d)."""
     return transform.select(params["prompt"]["embedding"], adapter_index, 2)
 
   # -- forward --------------------------------------------------------------
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     params = {**params, "prompt": nn.unbox(params["prompt"])}
     return prompted_apply(model, params, inputs,
                           self.prompts(params, inputs.get("adapter_index")),
@@ -139,7 +151,8 @@ class MultitaskPromptTuning(PromptTuning):
   """Shared prompt S (P, d) composed with per-task components (see docstring)."""
   trainable = r"prompt/.*"
 
-  def __init__(self, num_tasks, composition="multiplicative", **kwargs):
+  def __init__(self, num_tasks: int, composition: str = "multiplicative",
+               **kwargs: Any) -> None:
     super().__init__(**kwargs)
     if composition not in ("multiplicative", "additive"):
       raise ValueError(f"composition {composition!r}: 'multiplicative' "
@@ -148,7 +161,8 @@ class MultitaskPromptTuning(PromptTuning):
       raise ValueError("multitask prompt tuning needs num_tasks >= 1")
     self.num_tasks, self.composition = int(num_tasks), composition
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: jax.Array, model: Model,
+           base_params: Optional[dict] = None) -> dict:
     shared = self._initial(rng, model, base_params)
     n, (p, d) = self.num_tasks, shared.shape
     tree = {"shared": transform.boxed(shared, ("length", "embed"))}
@@ -160,7 +174,8 @@ class MultitaskPromptTuning(PromptTuning):
                                       ("adapters", "length", "embed"))
     return {"prompt": tree}
 
-  def prompts(self, params, adapter_index):
+  def prompts(self, params: dict,
+              adapter_index: Optional[jax.Array]) -> jax.Array:
     tree = params["prompt"]
     if adapter_index is None:
       raise ValueError("multitask prompt tuning needs inputs['adapter_index'] "
@@ -173,15 +188,16 @@ class MultitaskPromptTuning(PromptTuning):
     return s[None] + jnp.take(tree["delta"], adapter_index, axis=0)
 
 
-def model_dim(model):
+def model_dim(model: Model) -> int:
   flat = transform.flatten(nn.unbox(transform.abstract_params(model)))
   return next(v.shape[-1] for k, v in flat.items() if k.endswith("embedding"))
 
 
-def prompted_apply(model, params, inputs, prompt, *, embedding=EMBED_PATTERN,
-                   scope=None,
-                   placeholder_id=None, rng=None, deterministic=True,
-                   method=None):
+def prompted_apply(model: Model, params: dict, inputs: dict, prompt: jax.Array,
+                   *, embedding: str = EMBED_PATTERN, scope: Optional[str] = None,
+                   placeholder_id: Optional[int] = None,
+                   rng: Optional[jax.Array] = None, deterministic: bool = True,
+                   method: Union[str, Callable, None] = None) -> jax.Array:
   """Runs `model` with `prompt` (P, d) or (B, P, d) prepended to the input."""
   inputs = dict(transform.model_kwargs(inputs))
   length = prompt.shape[-2]
@@ -222,7 +238,8 @@ def prompted_apply(model, params, inputs, prompt, *, embedding=EMBED_PATTERN,
   return logits
 
 
-def embed_interceptor(prompt, total_length, embed_path, scope, hits):
+def embed_interceptor(prompt: jax.Array, total_length: int, embed_path: str,
+                      scope: Optional[str], hits: list) -> Callable:
   """Overwrites the first P positions of the prompted input's embeddings.
 
   Tracks the stack of intercepted calls so that, for T5, only embedding calls

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import re
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,8 @@ from mtjax.registry import Registry, to_dict  # noqa: F401 (to_dict re-used)
 # Every method class registers itself here by name (see mtjax.methods.build).
 METHODS = Registry("method")
 
+Model = Any  # a flax linen module (mtjax.models)
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -52,11 +54,11 @@ class Target:
   axes: tuple
 
   @property
-  def in_axis(self):
+  def in_axis(self) -> Optional[str]:
     return self.axes[0]
 
   @property
-  def out_axis(self):
+  def out_axis(self) -> Optional[str]:
     return self.axes[-1]
 
 
@@ -69,7 +71,7 @@ class HookContext:
   rng: Optional[jax.Array]
   deterministic: bool
 
-  def dropout(self, x, rate):
+  def dropout(self, x: jax.Array, rate: float) -> jax.Array:
     """Dropout with a key derived from the run's rng and this module's path."""
     if self.deterministic or rate == 0.0:
       return x
@@ -84,7 +86,7 @@ class HookContext:
 _ABSTRACT_CACHE = {}
 
 
-def abstract_params(model):
+def abstract_params(model: Model) -> dict:
   """Boxed ShapeDtypeStructs (with logical names) of a model's base params.
 
   Memoised per (model class, config): methods call this while tracing.
@@ -104,7 +106,7 @@ def _key_name(k):
   return str(getattr(k, "key", getattr(k, "name", k)))
 
 
-def linear_modules(boxed_abstract):
+def linear_modules(boxed_abstract: dict) -> dict:
   """{'/'-joined module path: Target} for every module owning a 2-D 'kernel'."""
   out = {}
   leaves = jax.tree_util.tree_flatten_with_path(
@@ -126,7 +128,8 @@ def linear_modules(boxed_abstract):
   return out
 
 
-def match_patterns(paths, patterns, what="module"):
+def match_patterns(paths: Sequence[str], patterns: Union[str, Sequence[str]],
+                   what: str = "module") -> list:
   """Paths fully matched by any regex; raises naming patterns matching nothing."""
   if isinstance(patterns, str):
     patterns = [patterns]
@@ -147,14 +150,15 @@ def match_patterns(paths, patterns, what="module"):
   return sorted(chosen)
 
 
-def resolve_targets(model, patterns, boxed_abstract=None):
+def resolve_targets(model: Model, patterns: Union[str, Sequence[str]],
+                    boxed_abstract: Optional[dict] = None) -> dict:
   """{path: Target} of the Linear modules whose path matches `patterns`."""
   mods = linear_modules(abstract_params(model) if boxed_abstract is None
                         else boxed_abstract)
   return {p: mods[p] for p in match_patterns(list(mods), patterns, "Linear")}
 
 
-def nest(flat):
+def nest(flat: dict) -> dict:
   """{'a/b/c': v} -> {'a': {'b': {'c': v}}}."""
   out = {}
   for path, value in flat.items():
@@ -166,7 +170,7 @@ def nest(flat):
   return out
 
 
-def flatten(tree, sep="/"):
+def flatten(tree: Any, sep: str = "/") -> dict:
   """{'a': {'b': v}} -> {'a/b': v} for leaves (arrays)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -174,7 +178,7 @@ def flatten(tree, sep="/"):
   return out
 
 
-def lookup(tree, path):
+def lookup(tree: dict, path: Sequence[str]) -> Any:
   """The subtree at module path ('decoder', 'layers_0', ...) or None."""
   node = tree
   for p in path:
@@ -184,13 +188,16 @@ def lookup(tree, path):
   return node
 
 
-def boxed(value, names):
+def boxed(value: jax.Array,
+          names: Sequence[Optional[str]]) -> nn.LogicallyPartitioned:
   """Leaf with logical axis names, as `nn.with_logical_partitioning` makes."""
   return nn.LogicallyPartitioned(value, tuple(names))
 
 
-def linear_interceptor(tree, hook: Callable, adapter_index=None, rng=None,
-                       deterministic=True):
+def linear_interceptor(tree: dict, hook: Callable,
+                       adapter_index: Optional[jax.Array] = None,
+                       rng: Optional[jax.Array] = None,
+                       deterministic: bool = True) -> Callable:
   """Interceptor calling hook(next_fun, x, leaf, ctx) on targeted Linear calls.
 
   `tree` is nested by module path; a Linear call is targeted iff its path leads
@@ -209,7 +216,8 @@ def linear_interceptor(tree, hook: Callable, adapter_index=None, rng=None,
   return interceptor
 
 
-def select(param, adapter_index, batch_ndim):
+def select(param: jax.Array, adapter_index: Optional[jax.Array],
+           batch_ndim: int) -> jax.Array:
   """Per-example parameter for mixed-adapter batches.
 
   param: (..) for one adapter or (E, ..) with `batch_ndim`+1 dims for a library;
@@ -224,8 +232,10 @@ def select(param, adapter_index, batch_ndim):
   return jnp.take(param, adapter_index, axis=0)
 
 
-def run(model, base_params, inputs, interceptors, *, rng=None,
-        deterministic=True, method=None):
+def run(model: Model, base_params: dict, inputs: dict,
+        interceptors: Sequence[Callable], *, rng: Optional[jax.Array] = None,
+        deterministic: bool = True,
+        method: Union[str, Callable, None] = None) -> jax.Array:
   """model.apply on `inputs` (model kwargs) under the given interceptors."""
   kwargs = {k: v for k, v in inputs.items() if k != "adapter_index"}
   rngs = {"dropout": rng} if (rng is not None and not deterministic) else None
@@ -236,7 +246,7 @@ def run(model, base_params, inputs, interceptors, *, rng=None,
                        deterministic=deterministic, rngs=rngs, method=method)
 
 
-def model_kwargs(inputs):
+def model_kwargs(inputs: dict) -> dict:
   """Drops non-model keys a trainer may pass along (task ids, targets)."""
   allowed = {"input_ids", "attention_mask", "decoder_input_ids",
              "decoder_attention_mask", "encoder_segment_ids",

@@ -38,6 +38,8 @@ MHR-mu averages the skills uniformly; MHR-z fits only the new task's allocation
 logits on a few of its training examples (uses target-task data, so it is
 few-shot, not zero-shot).
 """
+from typing import Any, Callable, Optional, Union
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,12 +49,16 @@ from mtjax.methods import transform
 from mtjax.routing import diagnostics, experts
 from mtjax.routing.routed import ROUTERS, FixedRouter, fixed_choices
 
+LoRAMethod = Any  # a mtjax.methods.lora.LoRA (rank, alpha, targets, scale)
+Model = Any  # a flax linen module (mtjax.models)
 
-def one_hot(index, num_experts):
+
+def one_hot(index: int, num_experts: int) -> jax.Array:
   return jnp.zeros((num_experts,), jnp.float32).at[index].set(1.0)
 
 
-def task_level_weights(records, inputs, num_experts, top_k):
+def task_level_weights(records: list, inputs: list, num_experts: int,
+                       top_k: int) -> dict:
   """{path: (E,)} fixed weights: mean routing load of the task, top k kept.
 
   records: per-module PHATGOOSE routing of the task's inputs (a list of
@@ -86,11 +92,13 @@ class TaskGateRouting(FixedRouter):
   trainable = r"experts/.*/task_logits"
   name = "task_gate"
 
-  def __init__(self, lora, stacked, num_tasks, top_k=2, impl="auto"):
+  def __init__(self, lora: LoRAMethod, stacked: dict, num_tasks: int,
+               top_k: int = 2, impl: str = "auto") -> None:
     super().__init__(lora, top_k=top_k, impl=impl)
     self.stacked, self.num_tasks = stacked, int(num_tasks)
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict] = None) -> dict:
     del rng, base_params
     targets = transform.linear_modules(transform.abstract_params(model))
     out = {}
@@ -106,14 +114,15 @@ class TaskGateRouting(FixedRouter):
               (None, "adapters"))
     return {"experts": transform.nest(out)}
 
-  def routing_inputs(self, inputs):
+  def routing_inputs(self, inputs: dict) -> Optional[jax.Array]:
     return inputs.get("adapter_index")   # (B,) task rows, or None
 
-  def impl_for(self, task):
+  def impl_for(self, task: Optional[jax.Array]) -> str:
     # Training mixes all E experts: the dense product is that mixture.
     return "dense" if task is not None else self.impl
 
-  def route(self, h, leaf, task, batch):
+  def route(self, h: jax.Array, leaf: dict, task: Optional[jax.Array],
+            batch: int) -> tuple:
     logits = leaf["task_logits"]
     rows = logits[task] if task is not None else logits[:1]     # (B|1, E)
     num_e = logits.shape[-1]
@@ -122,7 +131,7 @@ class TaskGateRouting(FixedRouter):
     return fixed_choices(probs, k, h.shape[0]) + (None,)
 
 
-def task_gate_eval_params(params, task=None):
+def task_gate_eval_params(params: dict, task: Optional[int] = None) -> dict:
   """params whose task_logits is one row: a trained task's, or the mean."""
   def row(path, x):
     if not path[-1].key == "task_logits":
@@ -134,7 +143,7 @@ def task_gate_eval_params(params, task=None):
 
 # ---------------------------------------------------------------- retrieval
 
-def example_embedding(model, base, inputs):
+def example_embedding(model: Model, base: dict, inputs: dict) -> jax.Array:
   """Mean-pooled base representation of each example's inputs: (B, d).
 
   Encoder-decoder models: the encoder's output; decoder-only: the token
@@ -163,25 +172,27 @@ class RetrievalRouting(FixedRouter):
   """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}."""
   name = "retrieval"
 
-  def __init__(self, lora, impl="auto"):
+  def __init__(self, lora: LoRAMethod, impl: str = "auto") -> None:
     super().__init__(lora, top_k=1, impl=impl)
 
-  def choose(self, model, params, inputs):
+  def choose(self, model: Model, params: dict, inputs: dict) -> jax.Array:
     emb = example_embedding(model, params["base"], inputs)
     cen = params["retrieval"]["centroids"]
     cos = (emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-9)) @ (
         cen / jnp.linalg.norm(cen, axis=-1, keepdims=True).clip(1e-9)).T
     return jax.nn.one_hot(jnp.argmax(cos, -1), cen.shape[0])
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None, records=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None,
+            records: Optional[dict] = None) -> jax.Array:
     inputs = dict(inputs, expert_weights=self.choose(model, params, inputs))
     return super().apply(model, params, inputs, rng=rng,
                          deterministic=deterministic, method=method,
                          records=records)
 
 
-def centroids(model, base, batches):
+def centroids(model: Model, base: dict, batches: list) -> jax.Array:
   """(E, d) centroid per expert from lists of model-input batches."""
   fn = jax.jit(lambda b, inp: example_embedding(model, b, inp).sum(0))
   out = []
@@ -212,11 +223,13 @@ class PolyLoRA:
   trainable = r"(skills|alloc)/.*"
   name = "poly"
 
-  def __init__(self, lora, num_tasks, num_skills=4, heads=1):
+  def __init__(self, lora: LoRAMethod, num_tasks: int, num_skills: int = 4,
+               heads: int = 1) -> None:
     self.lora, self.num_tasks = lora, int(num_tasks)
     self.num_skills, self.heads = int(num_skills), int(heads)
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict] = None) -> dict:
     del base_params
     skills = nn.unbox(type(self.lora)(
         rank=self.lora.rank, alpha=self.lora.alpha, targets=self.lora.targets,
@@ -249,7 +262,9 @@ class PolyLoRA:
     xh = x.reshape(s, self.heads, n // self.heads, m)
     return jnp.einsum("bsh,shnm->bhnm", heads_w, xh).reshape(-1, n, m)
 
-  def hook(self, next_fun, x, leaf, ctx, task):
+  def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
+           ctx: transform.HookContext,
+           task: Optional[jax.Array]) -> jax.Array:
     y = next_fun(x)
     logits = leaf["logits"]
     if logits.ndim == 3:
@@ -266,8 +281,9 @@ class PolyLoRA:
     delta = jnp.einsum("bnr,bro->bno", jnp.einsum("bnd,bdr->bnr", h, a), b)
     return y + (delta.reshape(y.shape) * self.lora.scale).astype(y.dtype)
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     task = inputs.get("adapter_index")
     inputs = transform.model_kwargs(inputs)
     alloc = params["alloc"] if task is not None else params["alloc_eval"]
@@ -279,7 +295,7 @@ class PolyLoRA:
                          deterministic=deterministic, method=method)
 
 
-def poly_eval_params(params, task=None):
+def poly_eval_params(params: dict, task: Optional[int] = None) -> dict:
   """params with 'alloc_eval' = a trained task's row, or zeros (MHR-mu)."""
   def row(x):
     return x[task] if task is not None else jnp.zeros_like(x[0])

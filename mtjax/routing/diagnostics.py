@@ -5,13 +5,14 @@ Records come from `RoutedLoRA.apply(..., records={})`: {module path: {'idx'
 count.
 """
 import re
+from typing import Optional
 
 import numpy as np
 
 _BLOCK = re.compile(r"(encoder|decoder|model)/(?:block|layers)_(\d+)")
 
 
-def layer_name(path):
+def layer_name(path: str) -> str:
   """'encoder/block_3/...' -> 'enc3', 'decoder/block_0/...' -> 'dec0'."""
   m = _BLOCK.search(path)
   if not m:
@@ -20,7 +21,7 @@ def layer_name(path):
       m.group(2)
 
 
-def token_mask(path, shape, inputs):
+def token_mask(path: str, shape: tuple, inputs: dict) -> np.ndarray:
   """Which of a module's (B, T) tokens are real (not padding)."""
   enc = inputs.get("attention_mask")
   dec = inputs.get("decoder_attention_mask")
@@ -32,7 +33,8 @@ def token_mask(path, shape, inputs):
   return np.asarray(mask) > 0
 
 
-def summarize_records(records, inputs, num_experts, own_expert=None):
+def summarize_records(records: dict, inputs: dict, num_experts: int,
+                      own_expert: Optional[int] = None) -> dict:
   """Per module: entropy (mean over real tokens), load (E,), oracle agreement.
 
   own_expert: the task's own expert index (held-in tasks) or None.
@@ -54,7 +56,7 @@ def summarize_records(records, inputs, num_experts, own_expert=None):
   return out
 
 
-def by_layer(summary, key):
+def by_layer(summary: dict, key: str) -> dict:
   """Mean of a scalar diagnostic over the modules of each layer."""
   acc = {}
   for path, row in summary.items():
@@ -71,7 +73,7 @@ def _layer_key(item):
           else (3, name))
 
 
-def layer_loads(summary):
+def layer_loads(summary: dict) -> dict:
   """{layer: (E,) mean load over its modules}."""
   acc = {}
   for path, row in summary.items():

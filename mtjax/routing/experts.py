@@ -17,15 +17,18 @@ o), 'gate': (E, d)}}. With an 'experts' mesh axis (see `expert_mesh`) the
 leading axis is sharded over it by the logical rule ('experts', 'experts').
 """
 import os
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtjax.methods import library as disk
 from mtjax.methods import transform
 from mtjax.models import sharding
+
+LoRAMethod = Any  # a mtjax.methods.lora.LoRA (rank, alpha, targets, scale)
+Model = Any  # a flax linen module (mtjax.models)
 
 
 # ------------------------------------------------------------ gate training
@@ -39,11 +42,12 @@ class GateTraining:
   trainable = r"gate/.*"
   name = "phatgoose_gates"
 
-  def __init__(self, lora, expert=None):
+  def __init__(self, lora: LoRAMethod, expert: Optional[dict] = None) -> None:
     self.lora = lora   # a mtjax.methods.lora.LoRA (rank, alpha, targets)
     self.expert = expert   # the expert's 'lora' tree, for init()
 
-  def init(self, rng, model, base_params=None):
+  def init(self, rng: Optional[jax.Array], model: Model,
+           base_params: Optional[dict] = None) -> dict:
     """{'lora': the expert (frozen), 'gate': zeros}, boxed like LoRA.init."""
     del rng, base_params
     if self.expert is None:
@@ -51,21 +55,23 @@ class GateTraining:
                        "GateTraining(lora, expert=lora_tree)")
     return {"lora": self.expert, "gate": self.init_gates(model)}
 
-  def init_gates(self, model):
+  def init_gates(self, model: Model) -> dict:
     """Zero gate per targeted module, with the kernel's input logical axis."""
     flat = {p: {"gate": transform.boxed(jnp.zeros((t.shape[0],), jnp.float32),
                                         (t.in_axis,))}
             for p, t in self.lora._targets(model).items()}
     return transform.nest(flat)
 
-  def hook(self, next_fun, x, leaf, ctx):
+  def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
+           ctx: transform.HookContext) -> jax.Array:
     gate = jax.nn.sigmoid(x.astype(jnp.float32) @ leaf["gate"])[..., None]
     # LoRA's own hook adds the update of the gated input to the base output.
     return self.lora.hook(lambda _: next_fun(x), (x * gate).astype(x.dtype),
                           leaf, ctx)
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None) -> jax.Array:
     inputs = transform.model_kwargs(inputs)
     tree = merge_leaves(params["lora"], params["gate"])
     icpt = transform.linear_interceptor(tree, self.hook, None, rng,
@@ -74,7 +80,7 @@ class GateTraining:
                          deterministic=deterministic, method=method)
 
 
-def merge_leaves(*trees):
+def merge_leaves(*trees: dict) -> dict:
   """Per-module dicts merged: {path: {'lora_a', ...}} + {path: {'gate'}}."""
   out = {}
   for tree in trees:
@@ -85,12 +91,13 @@ def merge_leaves(*trees):
 
 # ----------------------------------------------------------------- library
 
-def new_library():
+def new_library() -> dict:
   """An expert library: names and one {'lora': tree, 'gate': tree} per expert."""
   return {"names": [], "experts": []}
 
 
-def add_expert(library, name, lora_tree, gate_tree=None):
+def add_expert(library: dict, name: str, lora_tree: dict,
+               gate_tree: Optional[dict] = None) -> dict:
   """A new library with one more expert; existing entries are shared as is."""
   if name in library["names"]:
     raise ValueError(f"expert {name!r} is already in the library")
@@ -101,7 +108,7 @@ def add_expert(library, name, lora_tree, gate_tree=None):
           "experts": library["experts"] + [entry]}
 
 
-def stack_library(library, with_gates=True):
+def stack_library(library: dict, with_gates: bool = True) -> dict:
   """{path: {'lora_a': (E, d, r), 'lora_b': (E, r, o)[, 'gate': (E, d)]}}."""
   if not library["experts"]:
     raise ValueError("the expert library is empty: add experts first")
@@ -123,7 +130,8 @@ def stack_library(library, with_gates=True):
                          for p in paths})
 
 
-def save_library(library, root, lora, overwrite=False):
+def save_library(library: dict, root: str, lora: LoRAMethod,
+                 overwrite: bool = False) -> str:
   """Writes each expert (LoRA + its gates) as a mtjax.methods.library folder.
 
   An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
@@ -139,7 +147,7 @@ def save_library(library, root, lora, overwrite=False):
   return root
 
 
-def load_library(root, names=None):
+def load_library(root: str, names: Optional[Sequence[str]] = None) -> dict:
   """The in-memory library from expert folders written by `save_library`."""
   lib = disk.Library(root)
   names = names or [e.name for e in lib.list()]
@@ -157,7 +165,7 @@ LOGICAL = {"lora_a": lambda t: ("experts", t.in_axis, "rank"),
            "weights": lambda t: ("experts",)}
 
 
-def expert_axes(stacked, model):
+def expert_axes(stacked: dict, model: Model) -> dict:
   """Tree of logical axis names for a stacked library (for sharding)."""
   mods = transform.linear_modules(transform.abstract_params(model))
   flat = {}
@@ -167,7 +175,8 @@ def expert_axes(stacked, model):
   return transform.nest(flat)
 
 
-def expert_mesh(num_expert_shards, devices=None):
+def expert_mesh(num_expert_shards: int,
+                devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
   """Mesh (data, fsdp, tensor, experts): experts sharded over the last axis.
 
   Tokens are split over 'data' as usual; each expert shard holds E/n experts
@@ -177,7 +186,8 @@ def expert_mesh(num_expert_shards, devices=None):
                             sharding.MESH_AXES + ("experts",), devices)
 
 
-def shard_experts(stacked, model, mesh):
+def shard_experts(stacked: dict, model: Model,
+                  mesh: jax.sharding.Mesh) -> dict:
   """Places a stacked library by the logical rules ('experts' -> 'experts')."""
   axes = expert_axes(stacked, model)
   return jax.tree.map(

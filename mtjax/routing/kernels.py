@@ -37,6 +37,7 @@ expert only to its own tokens:
 Routing scores are O(E*d) per token by nature (one dot product per expert).
 """
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 LN_EPS = 1e-5   # torch.nn.LayerNorm's default, as in the released PHATGOOSE code
 
 
-def standardize(x, eps=LN_EPS):
+def standardize(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
   """LayerNorm without affine parameters over the last axis, in f32."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, -1, keepdims=True)
@@ -52,13 +53,13 @@ def standardize(x, eps=LN_EPS):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def phatgoose_logits(h, gates):
+def phatgoose_logits(h: jax.Array, gates: jax.Array) -> jax.Array:
   """PHATGOOSE router scores: <LN(h), LN(v_e)> / sqrt(d).  h (N, d) -> (N, E)."""
   d = h.shape[-1]
   return standardize(h) @ standardize(gates).T / math.sqrt(d)
 
 
-def arrow_prototypes(a, b):
+def arrow_prototypes(a: jax.Array, b: jax.Array) -> jax.Array:
   """Arrow prototypes (Ostapenko et al. 2024): top right singular vector of
   each expert's update.  x @ A @ B moves most along x = u_e, the top left
   singular vector of A B (d, o).  a (E, d, r), b (E, r, o) -> (E, d).
@@ -71,12 +72,12 @@ def arrow_prototypes(a, b):
   return jnp.einsum("edr,er->ed", q, u[:, :, 0])
 
 
-def arrow_logits(h, prototypes):
+def arrow_logits(h: jax.Array, prototypes: jax.Array) -> jax.Array:
   """|<h, u_e>|: singular vectors have no sign.  h (N, d) -> (N, E)."""
   return jnp.abs(h.astype(jnp.float32) @ prototypes.T)
 
 
-def top_k(logits, k):
+def top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Softmax over experts, keep the top k and renormalise.
 
   Equal to softmax over the k largest logits. Returns idx (N, k) int32 and
@@ -88,13 +89,15 @@ def top_k(logits, k):
   return idx.astype(jnp.int32), jax.nn.softmax(vals, axis=-1)
 
 
-def dense_weights(idx, w, num_experts):
+def dense_weights(idx: jax.Array, w: jax.Array,
+                  num_experts: int) -> jax.Array:
   """(N, k) choices -> (N, E) weight matrix (zeros for unchosen experts)."""
   onehot = jax.nn.one_hot(idx, num_experts, dtype=w.dtype)   # (N, k, E)
   return jnp.einsum("nk,nke->ne", w, onehot)
 
 
-def apply_dense(h, a, b, idx, w):
+def apply_dense(h: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array,
+                w: jax.Array) -> jax.Array:
   """Reference: every expert on every token, weighted.  -> (N, o) f32."""
   dt = jnp.promote_types(h.dtype, a.dtype)
   z = jnp.einsum("nd,edr->ner", h.astype(dt), a.astype(dt))
@@ -116,13 +119,14 @@ def _sort_assignments(idx, num_experts):
   return order, flat[order], counts, starts
 
 
-def default_block(num_assignments, num_experts):
+def default_block(num_assignments: int, num_experts: int) -> int:
   """Rows per block: about half the mean group size, a power of two in [1, 64]."""
   mean = num_assignments / max(num_experts, 1)
   return int(min(64, max(1, 2 ** math.floor(math.log2(max(mean / 2, 1))))))
 
 
-def apply_blocked(h, a, b, idx, w, block=None):
+def apply_blocked(h: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array,
+                  w: jax.Array, block: Optional[int] = None) -> jax.Array:
   """Sort-and-segment expert application in fixed-size blocks.  -> (N, o) f32."""
   n, k = idx.shape
   num_e, d, _ = a.shape
@@ -153,7 +157,7 @@ def apply_blocked(h, a, b, idx, w, block=None):
                     y[slot_of_assignment].reshape(n, k, -1))
 
 
-def default_capacity(num_assignments, num_experts):
+def default_capacity(num_assignments: int, num_experts: int) -> int:
   """Rows per expert in the grouped layout: 1.25x the mean load, a multiple of 8.
 
   Larger wastes compute on padding rows; smaller sends more rows to the
@@ -177,7 +181,9 @@ def _expert_matmuls(x, a, b, row_w):
                     preferred_element_type=jnp.float32)
 
 
-def apply_grouped(h, a, b, idx, w, capacity=None, block=64, trip_rows=None):
+def apply_grouped(h: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array,
+                  w: jax.Array, capacity: Optional[int] = None, block: int = 64,
+                  trip_rows: Optional[int] = None) -> jax.Array:
   """Capacity layout with exact overflow handling.  -> (N, o) f32.
 
   The first `capacity` assignments of each expert fill an (E, C, d) array, so
@@ -252,7 +258,8 @@ def apply_grouped(h, a, b, idx, w, capacity=None, block=64, trip_rows=None):
       lambda i, acc: jax.lax.cond(i < trips, trip, lambda _, x: x, i, acc), out)
 
 
-def apply_ragged(h, a, b, idx, w):
+def apply_ragged(h: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array,
+                 w: jax.Array) -> jax.Array:
   """Sort-and-segment with jax.lax.ragged_dot (grouped matmul).  -> (N, o)."""
   n, k = idx.shape
   order, _, counts, _ = _sort_assignments(idx, a.shape[0])
@@ -268,11 +275,13 @@ def apply_ragged(h, a, b, idx, w):
 IMPLS = ("auto", "grouped", "blocked", "ragged", "dense")
 
 
-def default_impl():
+def default_impl() -> str:
   return "ragged" if jax.default_backend() == "tpu" else "grouped"
 
 
-def apply_experts(h, a, b, idx, w, impl="auto", block=None):
+def apply_experts(h: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array,
+                  w: jax.Array, impl: str = "auto",
+                  block: Optional[int] = None) -> jax.Array:
   """sum_j w[n, j] * h[n] @ a[idx[n, j]] @ b[idx[n, j]].
 
   h (N, d), a (E, d, r), b (E, r, o), idx (N, k), w (N, k) -> (N, o) f32.
@@ -296,7 +305,7 @@ def apply_experts(h, a, b, idx, w, impl="auto", block=None):
   raise ValueError(f"impl {impl!r}: use one of {IMPLS}")
 
 
-def apply_all_uniform(h, a, b):
+def apply_all_uniform(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   """Mean of all experts' outputs (= the averaged update), O(E r (d + o)).
 
   h (N, d) -> (N, o): stacks the factors as one rank E*r LoRA.
@@ -310,14 +319,18 @@ def apply_all_uniform(h, a, b):
 
 # ------------------------------------------------------------------ diagnostics
 
-def entropy(logits):
+def entropy(logits: jax.Array) -> jax.Array:
   """Entropy (nats) of softmax(logits) over the last axis."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def expert_load(idx, num_experts, mask=None):
-  """Share of routed (token, choice) slots per expert: (E,) summing to 1."""
+def expert_load(idx: jax.Array, num_experts: int,
+                mask: Optional[jax.Array] = None) -> jax.Array:
+  """Share of routed (token, choice) slots per expert: (E,) summing to 1.
+
+  idx (..., k) int, mask (...) (1 for counted tokens) or None.
+  """
   one = jax.nn.one_hot(idx, num_experts, dtype=jnp.float32)   # (..., k, E)
   if mask is not None:
     one = one * mask[..., None, None]

@@ -20,14 +20,20 @@ Modular LLMs by Building and Reusing a Library of LoRAs", arXiv:2405.11157:
 'uniform' (the mean of all experts' updates) and 'merged' (the mean of the
 LoRA parameters, "Merged Experts"). More in baselines.py.
 """
+from typing import Any, Callable, Optional, Union
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from mtjax.methods import transform
 from mtjax.registry import Registry
 from mtjax.routing import kernels
 
 ROUTERS = Registry("router")
+
+LoRAMethod = Any  # a mtjax.methods.lora.LoRA (rank, alpha, targets, scale)
+Model = Any  # a flax linen module (mtjax.models)
 
 
 class RoutedLoRA:
@@ -41,13 +47,13 @@ class RoutedLoRA:
   name = "routed_lora"
   leaves: tuple = ()
 
-  def __init__(self, lora, top_k: int = 2, impl: str = "auto"):
+  def __init__(self, lora: LoRAMethod, top_k: int = 2, impl: str = "auto") -> None:
     if top_k < 1:
       raise ValueError(f"top_k must be >= 1, got {top_k}")
     self.lora, self.top_k, self.impl = lora, int(top_k), impl
 
   # -- params -------------------------------------------------------------
-  def library_leaves(self, module: dict, **options) -> dict:
+  def library_leaves(self, module: dict, **options: Any) -> dict:
     """Router leaves of one module from its stacked library leaves."""
     del options
     missing = [k for k in self.leaves if k not in module]
@@ -60,7 +66,8 @@ class RoutedLoRA:
   def logits(self, h: jax.Array, leaf: dict) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} routes without logits")
 
-  def route(self, h, leaf, example_weights, batch):
+  def route(self, h: jax.Array, leaf: dict,
+            example_weights: Optional[jax.Array], batch: int) -> tuple:
     """(idx (N, k), w (N, k), logits (N, E) or None) for tokens h (N, d)."""
     del example_weights, batch
     k = min(self.top_k, leaf["lora_a"].shape[0])
@@ -68,16 +75,18 @@ class RoutedLoRA:
     idx, w = kernels.top_k(logits, k)
     return idx, w, logits
 
-  def routing_inputs(self, inputs: dict):
+  def routing_inputs(self, inputs: dict) -> Optional[jax.Array]:
     """What `route` receives as example_weights, taken from the inputs."""
     return inputs.get("expert_weights")
 
-  def impl_for(self, example_weights) -> str:
+  def impl_for(self, example_weights: Optional[jax.Array]) -> str:
     """The kernels.apply_experts impl of one call."""
     del example_weights
     return self.impl
 
-  def delta(self, h, leaf, example_weights, batch, records, path):
+  def delta(self, h: jax.Array, leaf: dict,
+            example_weights: Optional[jax.Array], batch: int,
+            records: Optional[dict], path: str) -> jax.Array:
     """Summed expert updates (N, o) of tokens h (N, d)."""
     idx, w, logits = self.route(h, leaf, example_weights, batch)
     if records is not None:
@@ -88,7 +97,10 @@ class RoutedLoRA:
     return kernels.apply_experts(h, leaf["lora_a"], leaf["lora_b"], idx, w,
                                  self.impl_for(example_weights))
 
-  def hook(self, next_fun, x, leaf, ctx, example_weights=None, records=None):
+  def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
+           ctx: transform.HookContext,
+           example_weights: Optional[jax.Array] = None,
+           records: Optional[dict] = None) -> jax.Array:
     y = next_fun(x)
     h = x.reshape(-1, x.shape[-1]).astype(ctx.module.dtype)
     rec = {} if records is not None else None
@@ -99,8 +111,10 @@ class RoutedLoRA:
     delta = delta.reshape(y.shape[:-1] + (-1,)) * self.lora.scale
     return y + delta.astype(y.dtype)
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
-            method=None, records=None):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None, deterministic: bool = True,
+            method: Union[str, Callable, None] = None,
+            records: Optional[dict] = None) -> jax.Array:
     """Logits; when `records` is a dict it receives per-module routing."""
     example_weights = self.routing_inputs(inputs)
     inputs = transform.model_kwargs(inputs)
@@ -119,7 +133,7 @@ class PhatgooseRouter(RoutedLoRA):
   name = "phatgoose"
   leaves = ("gate",)
 
-  def logits(self, h, leaf):
+  def logits(self, h: jax.Array, leaf: dict) -> jax.Array:
     return kernels.phatgoose_logits(h, leaf["gate"])
 
 
@@ -129,12 +143,12 @@ class ArrowRouter(RoutedLoRA):
   name = "arrow"
   leaves = ("proto",)
 
-  def library_leaves(self, module, **options):
+  def library_leaves(self, module: dict, **options: Any) -> dict:
     del options
     return {"proto": kernels.arrow_prototypes(module["lora_a"],
                                               module["lora_b"])}
 
-  def logits(self, h, leaf):
+  def logits(self, h: jax.Array, leaf: dict) -> jax.Array:
     return kernels.arrow_logits(h, leaf["proto"])
 
 
@@ -145,14 +159,17 @@ class FixedRouter(RoutedLoRA):
   name = "fixed"
   leaves = ("weights",)
 
-  def library_leaves(self, module, weights=None, path=None, **options):
+  def library_leaves(self, module: dict,
+                     weights: Union[ArrayLike, dict, None] = None,
+                     path: Optional[str] = None, **options: Any) -> dict:
     del options
     if weights is None:
       raise ValueError("router 'fixed' needs weights (E,) or {path: (E,)}")
     w = weights[path] if isinstance(weights, dict) else weights
     return {"weights": jnp.asarray(w, jnp.float32)}
 
-  def route(self, h, leaf, example_weights, batch):
+  def route(self, h: jax.Array, leaf: dict,
+            example_weights: Optional[jax.Array], batch: int) -> tuple:
     k = min(self.top_k, leaf["lora_a"].shape[0])
     wts = leaf["weights"][None] if example_weights is None else example_weights
     return fixed_choices(wts, k, h.shape[0]) + (None,)
@@ -163,7 +180,9 @@ class UniformRouter(RoutedLoRA):
   """The mean of every expert's update (the averaged delta W)."""
   name = "uniform"
 
-  def delta(self, h, leaf, example_weights, batch, records, path):
+  def delta(self, h: jax.Array, leaf: dict,
+            example_weights: Optional[jax.Array], batch: int,
+            records: Optional[dict], path: str) -> jax.Array:
     return kernels.apply_all_uniform(h, leaf["lora_a"], leaf["lora_b"])
 
 
@@ -172,18 +191,20 @@ class MergedRouter(RoutedLoRA):
   """One LoRA whose A and B are the means of the experts' A and B."""
   name = "merged"
 
-  def delta(self, h, leaf, example_weights, batch, records, path):
+  def delta(self, h: jax.Array, leaf: dict,
+            example_weights: Optional[jax.Array], batch: int,
+            records: Optional[dict], path: str) -> jax.Array:
     dtype = h.dtype
     return (h @ leaf["lora_a"].mean(0).astype(dtype)) @ \
         leaf["lora_b"].mean(0).astype(dtype)
 
 
-def build_router(name: str, lora, **options) -> RoutedLoRA:
+def build_router(name: str, lora: LoRAMethod, **options: Any) -> RoutedLoRA:
   """A registered router by name, e.g. build_router('phatgoose', lora, top_k=2)."""
   return ROUTERS.build({"name": name, **options}, lora)
 
 
-def fixed_choices(weights, k, num_tokens):
+def fixed_choices(weights: jax.Array, k: int, num_tokens: int) -> tuple:
   """Top k of per-example (B, E) or shared (1, E) weights, renormalised and
   repeated for each example's tokens: idx (N, k) int32, w (N, k)."""
   vals, idx = jax.lax.top_k(weights.astype(jnp.float32), k)
@@ -192,8 +213,9 @@ def fixed_choices(weights, k, num_tokens):
   return jnp.repeat(idx, reps, 0).astype(jnp.int32), jnp.repeat(w, reps, 0)
 
 
-def routed_params(base, stacked, router, weights=None,
-                  lora=None) -> dict:
+def routed_params(base: dict, stacked: dict, router: Union[str, RoutedLoRA],
+                  weights: Union[ArrayLike, dict, None] = None,
+                  lora: Optional[LoRAMethod] = None) -> dict:
   """{'base', 'experts'} for a router (name or object) from a stacked library.
 
   weights: for 'fixed', (E,) shared by all modules or {path: (E,)}.

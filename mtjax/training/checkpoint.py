@@ -12,6 +12,7 @@ so a save killed half-way is never restored. Such leftovers are reported
 import datetime
 import json
 import os
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,8 +21,11 @@ from absl import logging
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
+Config = Any  # an ml_collections.ConfigDict
 
-def manager(workdir, save_every, keep, async_save=True):
+
+def manager(workdir: str, save_every: int, keep: int,
+            async_save: bool = True) -> ocp.CheckpointManager:
   """CheckpointManager saving every `save_every` steps and keeping the last `keep`."""
   # Orbax's default policy also saves the first step; keep saves periodic
   # (plus preemption saves and the forced final one).
@@ -36,13 +40,14 @@ def manager(workdir, save_every, keep, async_save=True):
                                options=options, item_names=("state",))
 
 
-def save(mngr, step, state, force=False):
+def save(mngr: ocp.CheckpointManager, step: int, state: dict,
+         force: bool = False) -> bool:
   """Saves if the interval says so (or force); returns whether it saved."""
   return mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state)), force=force)
 
 
-def restore_latest(mngr, state):
+def restore_latest(mngr: ocp.CheckpointManager, state: dict) -> tuple:
   """(state, step) from the latest finalized checkpoint, or (state, 0).
 
   `state` is the freshly initialised state: its shapes, dtypes and shardings
@@ -58,7 +63,7 @@ def restore_latest(mngr, state):
   return restored["state"], step
 
 
-def incomplete_checkpoints(workdir):
+def incomplete_checkpoints(workdir: str) -> list:
   """Names of unfinished (tmp) checkpoint folders left by an interrupted save."""
   folder = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(folder):
@@ -68,7 +73,7 @@ def incomplete_checkpoints(workdir):
 
 # ------------------------------------------------------------ config guard
 
-def config_to_dict(config):
+def config_to_dict(config: Config) -> dict:
   """JSON-safe plain dict of an ml_collections config."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
@@ -88,7 +93,7 @@ def _flat(d, prefix=""):
 RESUMABLE_KEYS = ("overwrite_config",)
 
 
-def config_differences(saved, current):
+def config_differences(saved: dict, current: dict) -> list:
   """[(key, saved value, current value)] for keys that differ."""
   a, b = _flat(saved), _flat(current)
   keys = sorted(set(a) | set(b))
@@ -98,7 +103,8 @@ def config_differences(saved, current):
           and not k.startswith(RESUMABLE_KEYS)]
 
 
-def check_workdir_config(workdir, config, is_writer=True):
+def check_workdir_config(workdir: str, config: Config,
+                         is_writer: bool = True) -> None:
   """Writes WORKDIR/config.json, or refuses a workdir holding another config.
 
   With config.overwrite_config=True the old file is kept as

@@ -16,20 +16,24 @@ default) and what happens after each step (`on_step`: logging, checkpoints).
 The jitted step is compiled on the first `run` and reused by later calls with
 the same shapes (e.g. one LoRA expert per task: one compilation).
 """
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 
 from mtjax.training import trainer
 
+Model = Any  # a flax linen module (mtjax.models)
+Config = Any  # an ml_collections.ConfigDict
+
 
 class Fitter:
   """Trains a method's trainable leaves (see module docstring)."""
 
-  def __init__(self, method, model, mesh, optimizer, num_steps: int, *,
+  def __init__(self, method: Any, model: Model, mesh: jax.sharding.Mesh,
+               optimizer: Config, num_steps: int, *,
                num_tasks: int = 1, seed: int = 0, grad_accum: int = 1,
                dropout: bool = False, trainable: Optional[str] = None,
-               loss: Callable = trainer.target_token_loss):
+               loss: Callable = trainer.target_token_loss) -> None:
     self.method, self.model, self.mesh = method, model, mesh
     self.num_steps = int(num_steps)
     self.trainable = trainable or method.trainable

@@ -7,29 +7,30 @@ On a terminal the progress is a tqdm bar with steps/s and ETA; otherwise
 import datetime
 import sys
 import time
+from typing import Any, Optional, Sequence
 
 import jax
-import numpy as np
+from jax.typing import ArrayLike
 from absl import logging
 
 
 class _NullWriter:
   """Stands in for clu's writer on processes other than 0 (and without TB)."""
 
-  def write_scalars(self, step, scalars):
+  def write_scalars(self, step: int, scalars: dict) -> None:
     del step, scalars
 
-  def write_hparams(self, hparams):
+  def write_hparams(self, hparams: dict) -> None:
     del hparams
 
-  def flush(self):
+  def flush(self) -> None:
     pass
 
-  def close(self):
+  def close(self) -> None:
     pass
 
 
-def writer(logdir):
+def writer(logdir: str) -> Any:
   """A clu MetricWriter writing TensorBoard events under logdir (process 0)."""
   if jax.process_index() != 0:
     return _NullWriter()
@@ -43,7 +44,8 @@ def writer(logdir):
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
 
 
-def scalars_from_metrics(metrics, task_names, lr=None):
+def scalars_from_metrics(metrics: dict, task_names: Sequence[str],
+                         lr: Optional[ArrayLike] = None) -> dict:
   """Device metrics of one step -> {'train/loss': .., 'train/<task>/loss': ..}."""
   m = jax.device_get(metrics)
   out = {"train/loss": float(m["loss"]), "train/accuracy": float(m["accuracy"]),
@@ -62,7 +64,8 @@ def scalars_from_metrics(metrics, task_names, lr=None):
 class Progress:
   """tqdm bar on a terminal, plain log lines otherwise; process 0 only."""
 
-  def __init__(self, start_step, total_steps, log_every):
+  def __init__(self, start_step: int, total_steps: int,
+               log_every: int) -> None:
     self.start, self.total, self.log_every = start_step, total_steps, log_every
     self.t0 = time.time()
     self.bar = None
@@ -72,7 +75,7 @@ class Progress:
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step,
                            unit="step", dynamic_ncols=True)
 
-  def update(self, step, scalars=None):
+  def update(self, step: int, scalars: Optional[dict] = None) -> None:
     """Call after finishing `step` (1-based count of steps done)."""
     if not self.active:
       return
@@ -89,6 +92,6 @@ class Progress:
           f"acc {scalars['train/accuracy']:.3f} | {rate:.2f} steps/s | "
           f"ETA {eta}", flush=True)
 
-  def close(self):
+  def close(self) -> None:
     if self.bar is not None:
       self.bar.close()

@@ -14,6 +14,7 @@ batch is sharded over ('data', 'fsdp') on its leading axis. The mesh shape
 comes from config.mesh_shape.
 """
 import re
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -21,10 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import data
 from mtjax.models import hf, sharding
+
+Model = Any  # a flax linen module (mtjax.models)
+Method = Any  # a method object (mtjax.methods / mtjax.routing)
+Config = Any  # an ml_collections.ConfigDict
 
 
 # ----------------------------------------------------------------- models
@@ -32,7 +37,7 @@ from mtjax.models import hf, sharding
 HF_EXCLUDE = ("hf_path", "arch", "dtype")
 
 
-def build_model(model_config, rng, mesh):
+def build_model(model_config: Config, rng: jax.Array, mesh: Mesh) -> tuple:
   """(model, base_params) from an HF folder or from config sizes, sharded."""
   if model_config.get("hf_path"):
     model, params = hf.load(model_config.hf_path, dtype=model_config.dtype)
@@ -47,21 +52,21 @@ def build_model(model_config, rng, mesh):
   return model, params
 
 
-def model_kind(model):
+def model_kind(model: Model) -> str:
   return "encoder_decoder" if model.config.is_encoder_decoder else "decoder"
 
 
 # ------------------------------------------------------------- param trees
 
-def flatten(tree):
+def flatten(tree: dict) -> dict:
   return traverse_util.flatten_dict(tree, sep="/")
 
 
-def unflatten(flat):
+def unflatten(flat: dict) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def split_trainable(flat, pattern):
+def split_trainable(flat: dict, pattern: str) -> tuple:
   """(trainable, frozen) flat dicts; `pattern` is fully matched against paths."""
   regex = re.compile(pattern)
   trainable = {k: v for k, v in flat.items() if regex.fullmatch(k)}
@@ -71,7 +76,8 @@ def split_trainable(flat, pattern):
   return trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
-def init_params(model, method, rng, mesh, base_params):
+def init_params(model: Model, method: Method, rng: jax.Array, mesh: Mesh,
+                base_params: dict) -> tuple:
   """Flat dict of all params {'base/...': ..., '<method>/...': ...} and shardings."""
   base_abstract = sharding.abstract_params(model,
                                            **hf.dummy_inputs(model.config))
@@ -90,7 +96,7 @@ def init_params(model, method, rng, mesh, base_params):
 
 # --------------------------------------------------------------- optimizer
 
-def make_schedule(opt, num_steps):
+def make_schedule(opt: Config, num_steps: int) -> optax.Schedule:
   """Linear warmup then cosine / linear / rsqrt / constant decay."""
   lr, warmup = opt.learning_rate, opt.get("warmup_steps", 0)
   end = lr * opt.get("end_factor", 0.0)
@@ -113,7 +119,7 @@ def make_schedule(opt, num_steps):
       [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(opt, num_steps):
+def make_optimizer(opt: Config, num_steps: int) -> tuple:
   """optax AdamW or Adafactor (config.optimizer), with global-norm clipping."""
   schedule = make_schedule(opt, num_steps)
   if opt.name == "adamw":
@@ -135,7 +141,8 @@ def make_optimizer(opt, num_steps):
   return tx, schedule
 
 
-def opt_state_shardings(tx, params, param_shardings, mesh):
+def opt_state_shardings(tx: optax.GradientTransformation, params: dict,
+                        param_shardings: dict, mesh: Mesh) -> Any:
   """Optimizer-state leaves shaped like params follow the params' shardings.
 
   Others (step counts, Adafactor's factored row/column statistics) are small
@@ -151,7 +158,8 @@ def opt_state_shardings(tx, params, param_shardings, mesh):
       transform_non_params=lambda _: replicated)
 
 
-def init_state(tx, trainable, trainable_shardings, mesh):
+def init_state(tx: optax.GradientTransformation, trainable: dict,
+               trainable_shardings: dict, mesh: Mesh) -> tuple:
   """{'step', 'params', 'opt_state'} placed by the rules, and its shardings."""
   opt_sh = opt_state_shardings(tx, trainable, trainable_shardings, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -166,19 +174,19 @@ def init_state(tx, trainable, trainable_shardings, mesh):
 
 # ------------------------------------------------------------------- batch
 
-def batch_sharding(mesh):
+def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, sharding.logical_to_spec(
       ("batch",), (mesh.shape["data"] * mesh.shape["fsdp"],), mesh))
 
 
-def put_batch(batch, mesh):
+def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Host numpy batch (this process's rows) -> global arrays sharded on batch."""
   sh = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
           for k, v in batch.items()}
 
 
-def put_global_batch(batch, mesh):
+def put_global_batch(batch: dict, mesh: Mesh) -> dict:
   """The same global numpy batch on every process -> global arrays.
 
   Each process copies only the rows of its own devices; in one process it
@@ -192,7 +200,8 @@ def put_global_batch(batch, mesh):
 
 # -------------------------------------------------------------------- loss
 
-def token_scores(method, model, params, batch, kind, rng=None):
+def token_scores(method: Method, model: Model, params: dict, batch: dict,
+                 kind: str, rng: Optional[jax.Array] = None) -> tuple:
   """Per-token log-likelihood and correctness of the targets, (B, L) each."""
   inputs = data.model_inputs(batch, kind)
   if "adapter_index" in batch:
@@ -206,7 +215,8 @@ def token_scores(method, model, params, batch, kind, rng=None):
   return token_logp, correct
 
 
-def target_token_loss(method, model, kind, params, batch, rng):
+def target_token_loss(method: Method, model: Model, kind: str, params: dict,
+                      batch: dict, rng: Optional[jax.Array]) -> tuple:
   """The default loss: NLL of every target token.
 
   Returns per-token (nll, correct, weights), each (B, L); a custom loss for
@@ -217,8 +227,10 @@ def target_token_loss(method, model, kind, params, batch, rng):
       jnp.float32)
 
 
-def loss_and_metrics(method, model, kind, num_tasks, trainable, frozen, batch,
-                     rng, loss=target_token_loss):
+def loss_and_metrics(method: Method, model: Model, kind: str, num_tasks: int,
+                     trainable: dict, frozen: dict, batch: dict,
+                     rng: Optional[jax.Array],
+                     loss: Callable = target_token_loss) -> tuple:
   """Summed token NLL (for gradients) and per-task sums (for metrics)."""
   params = unflatten({**trainable, **frozen})
   nll, correct, weights = loss(method, model, kind, params, batch, rng)
@@ -238,8 +250,10 @@ def loss_and_metrics(method, model, kind, num_tasks, trainable, frozen, batch,
   return nll.sum(), sums
 
 
-def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
-                    dropout=False, loss=target_token_loss):
+def make_train_step(method: Method, model: Model,
+                    tx: optax.GradientTransformation, num_tasks: int,
+                    grad_accum: int = 1, seed: int = 0, dropout: bool = False,
+                    loss: Callable = target_token_loss) -> Callable:
   """step(state, frozen, batch) -> (state, metrics); jit it with shardings.
 
   The loss is the mean NLL over all target tokens of the whole batch; with
@@ -287,7 +301,8 @@ def make_train_step(method, model, tx, num_tasks, grad_accum=1, seed=0,
   return step
 
 
-def jit_train_step(step, state_sh, frozen_sh, mesh):
+def jit_train_step(step: Callable, state_sh: dict, frozen_sh: dict,
+                   mesh: Mesh) -> Callable:
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
