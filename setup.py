@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-xdist>=3.6",
+    "ruff==0.17.6",
     "torch==2.13.0",
     "transformers==5.24.0",
     "peft==0.21.2",

@@ -100,7 +100,7 @@ def _kv_lookup(rng):
   keys = rng.choice(list(string.ascii_lowercase), size=4, replace=False)
   vals = rng.integers(0, 10, size=4)
   q = int(rng.integers(4))
-  pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, vals))
+  pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, vals, strict=True))
   return _gen(rng, f"Given {pairs}, what is {keys[q]}?", str(vals[q]))
 
 

@@ -60,7 +60,8 @@ def accuracy(targets: Sequence[str], predictions: Sequence[str]):
   if len(targets) != len(predictions):
     raise ValueError(f"{len(targets)} targets but {len(predictions)} "
                      "predictions")
-  hits = [str(t).strip() == str(p).strip() for t, p in zip(targets, predictions)]
+  hits = [str(t).strip() == str(p).strip()
+          for t, p in zip(targets, predictions, strict=True)]
   return {"accuracy": float(np.mean(hits)) if hits else float("nan")}
 
 
@@ -109,7 +110,7 @@ def read_tsv(path, on_bad_row="error", skipped=None) -> List[Tuple[int, dict]]:
         _bad(path, n, f"malformed TSV: {len(cells)} cells, header has "
              f"{len(header)}", on_bad_row, skipped)
         continue
-      rows.append((n, dict(zip(header, cells))))
+      rows.append((n, dict(zip(header, cells, strict=True))))
   return rows
 
 

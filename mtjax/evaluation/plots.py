@@ -22,9 +22,9 @@ def plot_routing(loads_by_task, expert_names, path, title="PHATGOOSE routing"):
     raise ValueError("plot_routing: no tasks to plot")
   fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 5),
                            squeeze=False)
-  for ax, task in zip(axes[0], tasks):
+  for ax, task in zip(axes[0], tasks, strict=True):
     layers_ = list(loads_by_task[task])
-    mat = np.stack([loads_by_task[task][l] for l in layers_])
+    mat = np.stack([loads_by_task[task][layer] for layer in layers_])
     im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
     ax.set_title(task, fontsize=9)
     ax.set_yticks(range(len(layers_)), layers_, fontsize=7)

@@ -40,7 +40,7 @@ def table(results, groups=None, metrics=None):
             for i in range(len(header))]
   def fmt_row(r):
     return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                     for i, (c, w) in enumerate(zip(r, widths)))
+                     for i, (c, w) in enumerate(zip(r, widths, strict=True)))
   rule = "  ".join("-" * w for w in widths)
   return "\n".join([fmt_row(header), rule] + [fmt_row(r) for r in lines])
 

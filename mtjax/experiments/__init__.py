@@ -8,6 +8,5 @@
 mtjax.main runs config.job through JOBS; a new experiment is one module here
 whose job function is decorated with @JOBS.register('name').
 """
-from mtjax.experiments import (library, phatgoose,  # noqa: F401
-                               soft_injection, train)
+from mtjax.experiments import library, phatgoose, soft_injection, train  # noqa: F401
 from mtjax.experiments.train import JOBS  # noqa: F401

@@ -18,8 +18,16 @@ and PEFT interchange, adapters.py adapter files.
 """
 from typing import Any, Mapping, Optional
 
-from mtjax.methods import (adapters, full, ia3, library, lora,  # noqa: F401
-                           prompt_tuning, soft_injection, transform)
+from mtjax.methods import (  # noqa: F401
+  adapters,
+  full,
+  ia3,
+  library,
+  lora,
+  prompt_tuning,
+  soft_injection,
+  transform,
+)
 from mtjax.methods.transform import METHODS
 
 # Config keys that belong to the surrounding job, not to the method object.

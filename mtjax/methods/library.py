@@ -120,7 +120,7 @@ class Library:
       raise ValueError(f"experts {list(names)} have different method configs "
                        "and cannot be stacked into one mixed-adapter batch")
     trees = [e.params() for e in experts]
-    shapes = {n: jax.tree.map(np.shape, t) for n, t in zip(names, trees)}
+    shapes = {n: jax.tree.map(np.shape, t) for n, t in zip(names, trees, strict=True)}
     if len({json.dumps(s, sort_keys=True, default=str)
             for s in shapes.values()}) != 1:
       raise ValueError(f"experts {list(names)} have differently shaped params")

@@ -16,15 +16,13 @@ missing tensor or a wrong shape is reported by name with the expected shape.
 """
 import json
 import os
-import re
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
 from safetensors.numpy import load_file, save_file
 
 from mtjax.models import decoder, sharding, t5
-
 
 # model_type -> the module under mtjax.models that implements it.
 _ARCHS = {
@@ -54,8 +52,9 @@ def read_safetensors(path):
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if not files:
     pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = (f" It holds {pickles}: mtjax never loads pickle; convert them with "
-            "transformers' save_pretrained(safe_serialization=True).") if pickles else ""
+    hint = "" if not pickles else (
+        f" It holds {pickles}: mtjax never loads pickle; convert them with "
+        "transformers' save_pretrained(safe_serialization=True).")
     raise FileNotFoundError(f"no *.safetensors files in {path}.{hint}")
   tensors = {}
   for name in files:

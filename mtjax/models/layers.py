@@ -122,7 +122,10 @@ def dtype_of(name):
 
 
 def default_hf_key(path):
-  """('layers_0', 'self_attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'."""
+  """HF state-dict key of a param path.
+
+  ('layers_0', 'self_attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'
+  """
   parts = [re.sub(r"^(.*)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight",
           "bias": "bias"}.get(path[-1], path[-1])

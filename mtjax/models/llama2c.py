@@ -42,7 +42,7 @@ def load_checkpoint(path, dtype="float32"):
   """llama2.c legacy .bin -> (decoder.Model, params) of a Llama config."""
   with open(path, "rb") as f:
     raw = f.read()
-  header = dict(zip(_HEADER, np.frombuffer(raw[:28], "<i4").tolist()))
+  header = dict(zip(_HEADER, np.frombuffer(raw[:28], "<i4").tolist(), strict=True))
   data = np.frombuffer(raw[28:], "<f4")
   dim, hidden, n_layers = header["dim"], header["hidden_dim"], header["n_layers"]
   n_heads, n_kv = header["n_heads"], header["n_kv_heads"]

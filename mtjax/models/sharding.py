@@ -80,7 +80,7 @@ def logical_to_spec(names, shape, mesh, rules=RULES):
     return PartitionSpec()
   axes = nn.logical_to_mesh_axes(names, rules)
   spec = []
-  for dim, ax in zip(shape, axes):
+  for dim, ax in zip(shape, axes, strict=True):
     if ax is None:
       spec.append(None)
       continue

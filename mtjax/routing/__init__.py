@@ -10,6 +10,5 @@
   baselines.py    task_gate, retrieval, Poly/MHR (also in `ROUTERS`)
   diagnostics.py  routing entropy, load and own-expert rates per layer
 """
-from mtjax.routing import (baselines, diagnostics, experts,  # noqa: F401
-                           kernels, routed)
+from mtjax.routing import baselines, diagnostics, experts, kernels, routed  # noqa: F401
 from mtjax.routing.routed import ROUTERS, build_router, routed_params  # noqa: F401

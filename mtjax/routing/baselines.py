@@ -65,7 +65,7 @@ def task_level_weights(records: list, inputs: list, num_experts: int,
   record dicts, one per batch, with the inputs they came from).
   """
   sums = {}
-  for rec, inp in zip(records, inputs):
+  for rec, inp in zip(records, inputs, strict=True):
     for path, row in diagnostics.summarize_records(rec, inp, num_experts).items():
       sums[path] = sums.get(path, 0.0) + row["load"] * row["tokens"]
   out = {}

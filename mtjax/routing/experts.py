@@ -121,7 +121,7 @@ def stack_library(library: dict, with_gates: bool = True) -> dict:
                        "its PHATGOOSE gates (train_gates) before routing")
     flats.append(transform.flatten(merge_leaves(*[e[k] for k in keys])))
   paths = sorted(flats[0])
-  for name, f in zip(library["names"], flats):
+  for name, f in zip(library["names"], flats, strict=True):
     if sorted(f) != paths:
       raise ValueError(f"expert {name!r} adapts different modules than "
                        f"{library['names'][0]!r}; all experts need the same "
@@ -141,7 +141,7 @@ def save_library(library: dict, root: str, lora: LoRAMethod,
   cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
          "targets": list(lora.targets or ())}
   have = set(e.name for e in lib.list()) if os.path.isdir(root) else set()
-  for name, entry in zip(library["names"], library["experts"]):
+  for name, entry in zip(library["names"], library["experts"], strict=True):
     if name not in have or overwrite:   # existing experts are left as they are
       lib.add(name, cfg, entry, task=name, overwrite=overwrite)
   return root

@@ -16,8 +16,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 from absl import logging
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 

@@ -10,8 +10,9 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-from jax.typing import ArrayLike
+import tqdm
 from absl import logging
+from jax.typing import ArrayLike
 
 
 class _NullWriter:
@@ -35,7 +36,7 @@ def writer(logdir: str) -> Any:
   if jax.process_index() != 0:
     return _NullWriter()
   try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers  # noqa: PLC0415 (optional: needs tensorboard)
   except ImportError as e:  # clu's TensorBoard writer needs `tensorboard`.
     logging.warning("TensorBoard summaries disabled (%s); pip install "
                     "tensorboard to enable them", e)
@@ -71,7 +72,6 @@ class Progress:
     self.bar = None
     self.active = jax.process_index() == 0
     if self.active and sys.stdout.isatty():
-      import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step,
                            unit="step", dynamic_ncols=True)
 

@@ -193,9 +193,11 @@ def put_global_batch(batch: dict, mesh: Mesh) -> dict:
   equals put_batch.
   """
   sh = batch_sharding(mesh)
-  return {k: jax.make_array_from_callback(
-      np.shape(v), sh, lambda idx, v=np.asarray(v): v[idx])
-          for k, v in batch.items()}
+
+  def place(v):
+    v = np.asarray(v)
+    return jax.make_array_from_callback(v.shape, sh, lambda idx: v[idx])
+  return {k: place(v) for k, v in batch.items()}
 
 
 # -------------------------------------------------------------------- loss
