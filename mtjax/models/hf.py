@@ -16,6 +16,8 @@ missing tensor or a wrong shape is reported by name with the expected shape.
 """
 import json
 import os
+from types import ModuleType
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -23,6 +25,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mtjax.models import decoder, sharding, t5
+
+Model = Any  # a flax linen module (t5.Model or decoder.Model)
 
 # model_type -> the module under mtjax.models that implements it.
 _ARCHS = {
@@ -32,7 +36,7 @@ _ARCHS = {
 }
 
 
-def arch_module(model_type):
+def arch_module(model_type: Optional[str]) -> ModuleType:
   if _ARCHS.get(model_type) is None:
     supported = sorted(k for k, v in _ARCHS.items() if v is not None)
     raise ValueError(
@@ -42,7 +46,7 @@ def arch_module(model_type):
   return _ARCHS[model_type]
 
 
-def read_safetensors(path):
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a folder's safetensors files as {name: np.ndarray}."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
@@ -66,14 +70,15 @@ def _expected(model, config):
   return nn.unbox(sharding.abstract_params(model, **dummy_inputs(config)))
 
 
-def dummy_inputs(config):
+def dummy_inputs(config: Any) -> dict[str, np.ndarray]:
   ids = np.zeros((1, 2), np.int32)
   if getattr(config, "is_encoder_decoder", False):
     return dict(input_ids=ids, decoder_input_ids=ids)
   return dict(input_ids=ids)
 
 
-def params_from_tensors(tensors, model, path_hint="checkpoint"):
+def params_from_tensors(tensors: dict[str, np.ndarray], model: Model,
+                        path_hint: str = "checkpoint") -> dict:
   """Builds the param tree of `model` from an HF state dict (numpy arrays)."""
   config = model.config
   arch = arch_module(config.model_type)
@@ -108,7 +113,7 @@ def _hf_shape(keys, shape):
   return tuple(shape[::-1]) if keys[-1] == "kernel" else tuple(shape)
 
 
-def params_to_tensors(model, params):
+def params_to_tensors(model: Model, params: dict) -> dict[str, np.ndarray]:
   """HF state dict {name: np.ndarray (f32, contiguous)} of a param tree."""
   config = model.config
   arch = arch_module(config.model_type)
@@ -124,7 +129,7 @@ def params_to_tensors(model, params):
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load(path, dtype="float32"):
+def load(path: str, dtype: str = "float32") -> tuple[Model, dict]:
   """Local HF folder -> (model, params). `dtype` is the compute dtype."""
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
@@ -140,7 +145,7 @@ def load(path, dtype="float32"):
   return model, params
 
 
-def save(model, params, path, overwrite=False):
+def save(model: Model, params: dict, path: str, overwrite: bool = False) -> None:
   """Writes config.json + model.safetensors that transformers can load."""
   if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
     raise FileExistsError(f"{path} already holds a checkpoint; pass "

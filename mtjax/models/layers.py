@@ -14,7 +14,7 @@ Parameter conventions (all parameters f32 by default, compute dtype by config):
   LayerNorm: scale (features,), bias (features,) -- HF 'weight', 'bias'
 """
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def constrain(x, names):
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """Logical sharding constraint on an activation (no-op without a mesh)."""
   return nn.with_logical_constraint(x, names)
 
@@ -39,7 +39,7 @@ class Linear(nn.Module):
   kernel_init: Any = default_kernel_init
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
         (x.shape[-1], self.features), self.param_dtype)
@@ -61,16 +61,16 @@ class Embed(nn.Module):
   axes: Sequence[str] = ("vocab", "embed")
   embedding_init: Any = nn.initializers.normal(stddev=1.0)
 
-  def setup(self):
+  def setup(self) -> None:
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(self.embedding_init,
                                                   tuple(self.axes)),
         (self.num_embeddings, self.features), self.param_dtype)
 
-  def __call__(self, ids):
+  def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
-  def attend(self, x):
+  def attend(self, x: jax.Array) -> jax.Array:
     """x (..., embed) -> logits (..., vocab) with the transposed embedding."""
     return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
@@ -83,7 +83,7 @@ class RMSNorm(nn.Module):
   offset: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.zeros if self.offset else nn.initializers.ones
     scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)),
                        (x.shape[-1],), self.param_dtype)
@@ -99,7 +99,7 @@ class LayerNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     feats = (x.shape[-1],)
     scale = self.param("scale", nn.with_logical_partitioning(
         nn.initializers.ones, ("embed",)), feats, self.param_dtype)
@@ -112,7 +112,7 @@ class LayerNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def dtype_of(name):
+def dtype_of(name: str) -> Dtype:
   """'float32' | 'bfloat16' | 'float16' -> jnp dtype, with a clear error."""
   table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
@@ -121,7 +121,7 @@ def dtype_of(name):
   return table[name]
 
 
-def default_hf_key(path):
+def default_hf_key(path: tuple[str, ...]) -> str:
   """HF state-dict key of a param path.
 
   ('layers_0', 'self_attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 import string
+from typing import Iterable
 
 import numpy as np
 
@@ -38,7 +39,8 @@ def _permute_rotary(w, n_heads):
       0, 2, 1, 3).reshape(out, inp)
 
 
-def load_checkpoint(path, dtype="float32"):
+def load_checkpoint(path: str,
+                    dtype: str = "float32") -> tuple[decoder.Model, dict]:
   """llama2.c legacy .bin -> (decoder.Model, params) of a Llama config."""
   with open(path, "rb") as f:
     raw = f.read()
@@ -111,14 +113,14 @@ class Tokenizer:
   max_token_length: int
 
   @property
-  def vocab_size(self):
+  def vocab_size(self) -> int:
     return len(self.pieces)
 
   @property
   def _index(self):
     return {p: i for i, p in enumerate(self.pieces)}
 
-  def encode(self, text, bos=True, eos=False):
+  def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     """run.c's encode: UTF-8 code points (byte fallback), then BPE merges."""
     index = self._index
     ids = [BOS] if bos else []
@@ -143,7 +145,7 @@ class Tokenizer:
       ids[i:i + 2] = [j]
     return ids + ([EOS] if eos else [])
 
-  def piece_bytes(self, prev, token):
+  def piece_bytes(self, prev: int, token: int) -> bytes:
     """Bytes run.c prints for `token` after `prev` (its decode + safe_printf)."""
     piece = self.pieces[token]
     if prev == BOS and piece.startswith(b" "):
@@ -155,7 +157,7 @@ class Tokenizer:
       return b""
     return piece
 
-  def decode_run_c(self, ids, prev=BOS):
+  def decode_run_c(self, ids: Iterable[int], prev: int = BOS) -> str:
     """Text run.c prints for generated `ids` following `prev`; stops at BOS."""
     out = []
     for token in ids:
@@ -171,7 +173,7 @@ class Tokenizer:
 _PRINTABLE = set(string.printable)
 
 
-def load_tokenizer(path, vocab_size):
+def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
   """llama2.c tokenizer.bin -> Tokenizer (the file does not store vocab_size)."""
   with open(path, "rb") as f:
     raw = f.read()
@@ -188,7 +190,8 @@ def load_tokenizer(path, vocab_size):
   return Tokenizer(tuple(pieces), tuple(scores), max_len)
 
 
-def load(folder, dtype="float32"):
+def load(folder: str,
+         dtype: str = "float32") -> tuple[decoder.Model, dict, Tokenizer]:
   """Folder with checkpoint_legacy.bin + tokenizer.bin -> (model, params, tok)."""
   model, params = load_checkpoint(os.path.join(folder, "checkpoint_legacy.bin"),
                                   dtype)
@@ -197,13 +200,15 @@ def load(folder, dtype="float32"):
   return model, params, tok
 
 
-def run_c_greedy(model, params, tokenizer, prompt="", steps=256):
+def run_c_greedy(model: decoder.Model, params: dict, tokenizer: Tokenizer,
+                 prompt: str = "", steps: int = 256) -> str:
   """What `run <ckpt> -z <tok> -t 0 -n steps -i prompt` prints to stdout."""
   return tokenizer.decode_run_c(
       run_c_tokens(model, params, tokenizer, prompt, steps)) + "\n"
 
 
-def run_c_tokens(model, params, tokenizer, prompt="", steps=256):
+def run_c_tokens(model: decoder.Model, params: dict, tokenizer: Tokenizer,
+                 prompt: str = "", steps: int = 256) -> list[int]:
   """The tokens run.c's greedy loop prints, as ids (BOS excluded).
 
   run.c forwards `steps` positions starting from BOS: prompt tokens are forced,

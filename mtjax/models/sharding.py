@@ -14,11 +14,15 @@ Usage:
 """
 import contextlib
 import math
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+Model = Any  # a flax linen module
+PyTree = Any  # a nested dict/list/tuple of arrays
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -45,7 +49,9 @@ RULES = (
 )
 
 
-def make_mesh(shape=(-1, 1, 1), axis_names=MESH_AXES, devices=None):
+def make_mesh(shape: Sequence[int] = (-1, 1, 1),
+              axis_names: Sequence[str] = MESH_AXES,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A mesh over all (or the given) devices; one entry of `shape` may be -1."""
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
@@ -64,13 +70,15 @@ def make_mesh(shape=(-1, 1, 1), axis_names=MESH_AXES, devices=None):
 
 
 @contextlib.contextmanager
-def use_mesh(mesh, rules=RULES):
+def use_mesh(mesh: Mesh, rules: Sequence[tuple] = RULES) -> Iterator[None]:
   """Context in which logical constraints inside models bind to `mesh`."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
-def logical_to_spec(names, shape, mesh, rules=RULES):
+def logical_to_spec(names: Optional[Sequence[Optional[str]]],
+                    shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple] = RULES) -> PartitionSpec:
   """PartitionSpec for one array; mesh axes that do not divide a dim are dropped.
 
   Dropping (replicating that dimension) keeps tiny test models and odd
@@ -96,13 +104,14 @@ def _is_boxed(x):
   return isinstance(x, nn.LogicallyPartitioned)
 
 
-def logical_axes(boxed_tree):
+def logical_axes(boxed_tree: PyTree) -> PyTree:
   """Tree of logical-name tuples (None for unannotated leaves)."""
   return jax.tree.map(lambda x: x.names if _is_boxed(x) else None,
                       boxed_tree, is_leaf=_is_boxed)
 
 
-def tree_shardings(boxed_tree, mesh, rules=RULES):
+def tree_shardings(boxed_tree: PyTree, mesh: Mesh,
+                   rules: Sequence[tuple] = RULES) -> PyTree:
   """NamedShardings for a tree of (abstract) boxed or plain arrays."""
   def one(x):
     names = x.names if _is_boxed(x) else None
@@ -111,7 +120,10 @@ def tree_shardings(boxed_tree, mesh, rules=RULES):
   return jax.tree.map(one, boxed_tree, is_leaf=_is_boxed)
 
 
-def init_sharded(model, rng, mesh, *args, rules=RULES, method=None, **kwargs):
+def init_sharded(model: Model, rng: jax.Array, mesh: Mesh, *args: Any,
+                 rules: Sequence[tuple] = RULES,
+                 method: Union[Callable, str, None] = None,
+                 **kwargs: Any) -> PyTree:
   """Initialises `model` with every parameter created already sharded.
 
   Returns the unboxed 'params' collection. No full copy of the parameters ever
@@ -125,14 +137,17 @@ def init_sharded(model, rng, mesh, *args, rules=RULES, method=None, **kwargs):
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
-def abstract_params(model, *args, method=None, **kwargs):
+def abstract_params(model: Model, *args: Any,
+                    method: Union[Callable, str, None] = None,
+                    **kwargs: Any) -> PyTree:
   """Boxed ShapeDtypeStructs of the model's params (with logical names)."""
   return jax.eval_shape(
       lambda: model.init(jax.random.key(0), *args, method=method,
                          **kwargs)["params"])
 
 
-def shard_params(params, boxed_abstract, mesh, rules=RULES):
+def shard_params(params: PyTree, boxed_abstract: PyTree, mesh: Mesh,
+                 rules: Sequence[tuple] = RULES) -> PyTree:
   """Places a host (numpy) or device param tree according to the rules."""
   shardings = tree_shardings(boxed_abstract, mesh, rules)
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if not isinstance(
