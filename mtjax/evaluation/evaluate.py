@@ -11,9 +11,10 @@ the argmax of the summed log-likelihood ('accuracy') and of the
 length-normalised one ('accuracy_norm'). All (example, choice) pairs of a task
 are flattened into rows and scored in fixed-shape batches (one compilation).
 
-Generation: greedy decoding by recomputing the forward pass for each new token
-(no KV cache, so it works for every method, including soft prompts and
-routing; answers here are short). Predictions are compared by exact match and
+Generation: greedy decoding with the shared loop `mtjax.models.decoding.decode`,
+whose step recomputes the method's forward pass over the filled buffer (no
+KV cache, so it works for every method, including soft prompts and routing;
+answers here are short). Predictions are compared by exact match and
 by the seqio task's metric functions.
 """
 import functools
@@ -24,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mtjax import data
+from mtjax.models import decoding
 from mtjax.training import trainer
 
 
@@ -125,33 +127,45 @@ def rank_classification(scorer, model, params, examples, lengths, batch_size,
           "accuracy_norm": float(np.mean(np.array(pred_norm) == labels))}, pred
 
 
-def make_greedy(method, model, max_new):
+def make_greedy(method, model, max_new, eos_id=None):
   """jitted (params, batch, start) -> greedy ids (B, max_new).
 
-  `start` (B,) is each row's first target slot in the decoder buffer.
+  `start` (B,) is each row's first target slot in the decoder buffer. The
+  loop is `decoding.decode`; with `eos_id` a row emits 0 after its EOS and
+  the remaining steps are skipped once every row has ended. The jit contains
+  `method.apply`, so the method's interceptors are part of the trace.
   """
   kind = trainer.model_kind(model)
-  return jax.jit(functools.partial(_greedy, method, model, kind, max_new))
+  return jax.jit(functools.partial(_greedy, method, model, kind, max_new,
+                                   decoding.eos_tuple(eos_id)))
 
 
-def _greedy(method, model, kind, max_new, params, batch, start):
-  bsz = batch["decoder_input_tokens"].shape[0]
-  rows = jnp.arange(bsz)
+def _greedy(method, model, kind, max_new, eos_ids, params, batch, start):
+  """Greedy decoding recomputing `method.apply` over the filled buffer.
 
-  def body(t, carry):
-    dec_in, out = carry
-    b = dict(batch, decoder_input_tokens=dec_in)
+  carry = (decoder buffer (B, W), slot (B,) whose logits choose the next
+  token); each step writes the token after that slot and reruns the forward.
+  """
+  buf = batch["decoder_input_tokens"]
+  width = buf.shape[1]
+  rows = jnp.arange(buf.shape[0])
+
+  def logits_at(buf, slot):
+    b = dict(batch, decoder_input_tokens=buf)
     logits = method.apply(model, params, data.model_inputs(b, kind))
-    pos = start + t
-    tok = jnp.argmax(logits[rows, pos], -1).astype(jnp.int32)
-    nxt = jnp.minimum(pos + 1, dec_in.shape[1] - 1)
-    dec_in = dec_in.at[rows, nxt].set(jnp.where(pos + 1 < dec_in.shape[1],
-                                                tok, dec_in[rows, nxt]))
-    return dec_in, out.at[:, t].set(tok)
+    return logits[rows, jnp.minimum(slot, width - 1)]
 
-  out = jnp.zeros((bsz, max_new), jnp.int32)
-  return jax.lax.fori_loop(0, max_new, body,
-                           (batch["decoder_input_tokens"], out))[1]
+  def prefill():
+    return logits_at(buf, start), (buf, start)
+
+  def step(carry, tok):
+    buf, slot = carry
+    nxt = slot + 1
+    at = jnp.minimum(nxt, width - 1)
+    buf = buf.at[rows, at].set(jnp.where(nxt < width, tok, buf[rows, at]))
+    return logits_at(buf, nxt), (buf, nxt)
+
+  return decoding.decode(prefill, step, max_new, eos_ids=eos_ids, pad_id=0)
 
 
 def generate_rows(greedy, model, params, input_ids, lengths, max_new,
@@ -194,7 +208,7 @@ def generation(greedy, model, params, examples, vocab, task, lengths,
   preds = [vocab.decode(o) for o in outs]
   targets = [ex["targets"] for ex in examples]
   result = {"exact_match": float(np.mean(
-      [p.strip() == t.strip() for p, t in zip(preds, targets)]))}
+      [p.strip() == t.strip() for p, t in zip(preds, targets, strict=True)]))}
   for fn in data.metric_fns(task, vocab):
     for k, v in fn(targets=targets, predictions=preds).items():
       result.setdefault(k, float(v))
@@ -214,7 +228,7 @@ def evaluate_task(fns, model, params, task, vocab, cfg, lengths, mesh):
   if data.task_kind(task, vocab) == "rank_classification":
     metrics, pred = rank_classification(fns["score"], model, params, examples,
                                         lengths, cfg.batch_size, mesh)
-    preds = [ex["answer_choices"][p] for ex, p in zip(examples, pred)]
+    preds = [ex["answer_choices"][p] for ex, p in zip(examples, pred, strict=True)]
     targets = [ex["answer_choices"][ex["label"]] for ex in examples]
     for fn in data.metric_fns(task, vocab):
       for k, v in fn(targets=targets, predictions=preds).items():
@@ -229,7 +243,8 @@ def evaluate_all(method, model, params, groups, vocab, cfg, lengths, mesh,
                  log=print):
   """{task: metrics} for every task of groups {group: [plain task names]}."""
   fns = {"score": make_scorer(method, model),
-         "greedy": make_greedy(method, model, cfg.max_new_tokens)}
+         "greedy": make_greedy(method, model, cfg.max_new_tokens,
+                               eos_id=vocab.eos_id)}
   results = {}
   for group, tasks in groups.items():
     for task in tasks:

@@ -10,12 +10,13 @@ The contract every model follows (so methods and the trainer stay generic):
          encoder-decoder models, input positions for decoder-only ones.
   arch.generate(model, params, input_ids, attention_mask, max_new_tokens,
                 temperature=0.0, rng=None, eos_id=None) -> (batch, max_new_tokens)
+      (every generator runs the one loop `decoding.decode(prefill, step, ...)`)
 Parameters carry logical axis names (see sharding.py); every linear map is a
 layers.Linear whose path mirrors Hugging Face's module names.
 """
 import numpy as np
 
-from mtjax.models import hf, sharding  # noqa: F401
+from mtjax.models import decoding, hf, sharding  # noqa: F401
 
 
 def _arch(model):

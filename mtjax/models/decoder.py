@@ -21,7 +21,7 @@ maps every parameter with no per-architecture table:
 Call: Model(config).apply({'params': p}, input_ids (B,T), attention_mask (B,T)
 1=token 0=pad, positions (B,T), segment_ids (B,T)) -> f32 logits (B,T,V).
 Incremental decoding keeps keys/values in the 'cache' collection (`decode=True`);
-`generate` runs a jitted prefill and a `lax.scan` over new tokens.
+`generate` runs `prefill` and `decode_step` through `decoding.decode` (jitted).
 """
 import dataclasses
 import functools
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.models import layers
+from mtjax.models import decoding, layers
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "bloom")
 NEG_INF = -1e30  # finite: rows with no visible key (pads) stay NaN-free
@@ -444,40 +444,39 @@ def init_cache(model, params, batch_size, max_length):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _pick(logits, temperature, rng, greedy):
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+def prefill(model, params, input_ids, attention_mask, max_new_tokens):
+  """Cached prefill of left-padded prompts -> (last logits (B, V), cache).
+
+  The cache holds the prompt and room for `max_new_tokens` more tokens.
+  """
+  b, p = input_ids.shape
+  cache = init_cache(model, params, b, p + max_new_tokens)
+  logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
+                            attention_mask, decode=True, mutable=["cache"])
+  return logits[:, -1], mut["cache"]
+
+
+def decode_step(model, params):
+  """step(cache, tokens (B,)) -> (logits (B, V), cache) for decoding.decode."""
+
+  def step(cache, tokens):
+    logits, mut = model.apply({"params": params, "cache": cache},
+                              tokens[:, None], jnp.ones_like(tokens)[:, None],
+                              decode=True, mutable=["cache"])
+    return logits[:, -1], mut["cache"]
+
+  return step
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens",
                                              "greedy", "eos_ids", "pad_id"))
 def _generate(model, params, input_ids, attention_mask, rng, temperature,
               max_new_tokens, greedy, eos_ids, pad_id):
-  b, p = input_ids.shape
-  cache = init_cache(model, params, b, p + max_new_tokens)
-  logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
-                            attention_mask, decode=True, mutable=["cache"])
-  eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-
-  def pick(logits, rng, done):
-    tok = _pick(logits, temperature, rng, greedy)
-    tok = jnp.where(done, pad_id, tok)
-    return tok, done | jnp.isin(tok, eos)
-
-  rngs = jax.random.split(rng, max_new_tokens)
-  tok, done = pick(logits[:, -1], rngs[0], jnp.zeros((b,), bool))
-
-  def step(carry, rng):
-    cache, tok, done = carry
-    logits, mut = model.apply({"params": params, "cache": cache}, tok[:, None],
-                              jnp.ones((b, 1), jnp.int32), decode=True,
-                              mutable=["cache"])
-    new, done = pick(logits[:, -1], rng, done)
-    return (mut["cache"], new, done), new
-
-  _, rest = jax.lax.scan(step, (mut["cache"], tok, done), rngs[1:])
-  return jnp.concatenate([tok[:, None], rest.T], axis=1)
+  return decoding.decode(
+      lambda: prefill(model, params, input_ids, attention_mask, max_new_tokens),
+      decode_step(model, params), max_new_tokens,
+      temperature=0.0 if greedy else temperature, rng=rng, eos_ids=eos_ids,
+      pad_id=pad_id)
 
 
 def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
@@ -486,8 +485,11 @@ def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
 
   Greedy when temperature == 0, else samples from softmax(logits / T) with
   `rng`. After a row emits `eos_id` (an int or several) it emits the pad id
-  (config.pad_token_id, else the eos id), like HF generate.
+  (config.pad_token_id, else the eos id), like HF generate. The loop is
+  `decoding.decode` over the KV cache; it is jitted with the model static, so
+  it refuses to run inside `nn.intercept_methods` (see decoding.py).
   """
+  decoding.no_interceptors("decoder.generate")
   input_ids = np.asarray(input_ids, np.int32)
   if attention_mask is None:
     attention_mask = np.ones_like(input_ids)
@@ -499,8 +501,10 @@ def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   rng = jax.random.key(0) if rng is None else rng
-  eos_ids = None if eos_id is None else tuple(np.atleast_1d(eos_id).tolist())
+  eos_ids = decoding.eos_tuple(eos_id)
   pad_id = model.config.pad_token_id
   if pad_id is None:
     pad_id = eos_ids[0] if eos_ids else 0

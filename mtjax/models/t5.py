@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.models import layers
+from mtjax.models import decoding, layers
 
 # Activation names as HF's ACT2FN; 'gated-gelu' means gated gelu_new (HF quirk).
 ACTIVATIONS = {
@@ -473,16 +473,30 @@ def init_cache(model, params, encoded, attention_mask, max_length):
   return variables["cache"]
 
 
+def decode_step(model, params, encoded, attention_mask):
+  """step(cache, tokens (B,)) -> (logits (B, V), cache) for decoding.decode."""
+
+  def step(cache, tokens):
+    logits, new = model.apply(
+        {"params": params, "cache": cache}, tokens[:, None], encoded,
+        attention_mask, decode=True, mutable=["cache"], method=T5.decode)
+    return logits[:, -1], new["cache"]
+
+  return step
+
+
 def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
              temperature=0.0, rng=None, eos_id=None):
   """Greedy (temperature 0) or sampled decoding -> (B, max_new_tokens) int32.
 
   Starts from decoder_start_token_id like HF; after a row emits `eos_id`
   (default config.eos_token_id; negative: never stop) it emits pad_token_id.
-  The loop stops early once every row is finished (the rest stays pad).
-  The jitted loop is cached per (model, max_new_tokens), so do not call this
-  inside `nn.intercept_methods` (a cached trace would ignore the change).
+  Once every row is finished the remaining steps are skipped (all pad). The
+  loop is `decoding.decode` over the KV cache, jitted and cached per (model,
+  max_new_tokens, greedy), so it refuses to run inside `nn.intercept_methods`
+  (a cached trace would ignore the interceptor; see decoding.py).
   """
+  decoding.no_interceptors("t5.generate")
   cfg = model.config
   input_ids = jnp.asarray(input_ids, jnp.int32)
   _check_ids("input_ids", input_ids)
@@ -496,13 +510,13 @@ def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   rng = jax.random.key(0) if rng is None else rng
   eos = cfg.eos_token_id if eos_id is None else eos_id
-  return _generate_fn(model, int(max_new_tokens))(
+  return _generate_fn(model, int(max_new_tokens), temperature == 0)(
       params, input_ids, jnp.asarray(attention_mask, jnp.int32),
       jnp.float32(temperature), jnp.int32(eos), rng)
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(model, max_new_tokens):
+def _generate_fn(model, max_new_tokens, greedy):
   """Jitted decoding loop; temperature and eos are traced (one compile)."""
   cfg = model.config
 
@@ -510,30 +524,16 @@ def _generate_fn(model, max_new_tokens):
     batch = input_ids.shape[0]
     encoded = model.apply({"params": params}, input_ids, mask,
                           method=T5.encode)
-    cache = init_cache(model, params, encoded, mask, max_new_tokens)
+    step = decode_step(model, params, encoded, mask)
 
-    def step(state):
-      i, tokens, last, cache, done = state
-      logits, new = model.apply(
-          {"params": params, "cache": cache}, last[:, None], encoded, mask,
-          decode=True, mutable=["cache"], method=T5.decode)
-      logits = logits[:, -1]
-      sampled = jax.random.categorical(
-          jax.random.fold_in(rng, i),
-          logits / jnp.maximum(temperature, 1e-6))
-      nxt = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
-      nxt = jnp.where(done, cfg.pad_token_id, nxt).astype(jnp.int32)
-      tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
-      return i + 1, tokens, nxt, new["cache"], done | (nxt == eos)
+    def prefill():
+      cache = init_cache(model, params, encoded, mask, max_new_tokens)
+      start = jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32)
+      return step(cache, start)
 
-    def not_finished(state):
-      return (state[0] < max_new_tokens) & ~jnp.all(state[4])
-
-    state = (jnp.array(0, jnp.int32),
-             jnp.full((batch, max_new_tokens), cfg.pad_token_id, jnp.int32),
-             jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32), cache,
-             jnp.zeros((batch,), bool))
-    return jax.lax.while_loop(not_finished, step, state)[1]
+    return decoding.decode(prefill, step, max_new_tokens,
+                           temperature=0.0 if greedy else temperature, rng=rng,
+                           eos_ids=eos, pad_id=cfg.pad_token_id)
 
   return jax.jit(run)
 
