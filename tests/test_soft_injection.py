@@ -2,7 +2,7 @@
 
 Exactness checks run on a tiny random Llama-style decoder; the behavioural
 checks run on a small decoder trained here, once per module, on the bundled
-suite in MetaICL format (mtjax.evaluation.soft_injection_analysis.train_testbed).
+suite in MetaICL format (mtjax.experiments.soft_injection.train_testbed).
 """
 import flax.linen as nn
 import jax
@@ -10,16 +10,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtjax import data, methods
 from mtjax.data import suite
+from mtjax.evaluation import analysis
 from mtjax.experiments import soft_injection as sa
 from mtjax.methods import soft_injection as si
-from mtjax.models import decoder
+from mtjax.models import decoder, t5
 
 HELD_OUT = ("is_palindrome", "add_compare")
-K_SHOT_MARGIN = 0.02  # measured on CPU: 0.039 (mean of both tasks)
-INJECTION_MARGIN = 0.16  # measured on CPU: 0.330
+SEED = 1     # test bed init and batches, embedding prompts, alpha batches
 SHOTS = 3
-MAX_LEN = 128
+MAX_LEN = 96
+# The trained test bed (~30-50 s on 2 CPU cores): see `bed` and
+# test_fitted_soft_injection_lowers_held_out_first_token_loss for what it
+# reliably shows and the measurements behind the margins.
+TESTBED = dict(steps=300, batch_size=16, max_len=MAX_LEN, max_shots=SHOTS,
+               remap_prob=0.5, learning_rate=3e-3, seed=SEED,
+               model_kwargs=dict(hidden=64, layers_=3, heads=4, mlp=128))
+ALPHA = dict(steps=100, learning_rate=0.2, batch_size=4, eval_every=10,
+             seed=SEED)
+INJECTION_MARGIN = 0.05  # zero-shot - fitted injection; measured min 0.096
+FIT_MARGIN = 0.035       # alpha 0.5 - fitted injection; measured min 0.072
 
 
 def _tiny():
@@ -129,12 +140,34 @@ def test_method_object_save_load_and_bad_pattern(tmp_path):
   np.testing.assert_array_equal(e, emb[0])
   assert a.shape == (3, 4) and meta["num_shots"] == 3 and path.endswith("t")
   si.save(str(tmp_path), "u", emb[1], np.ones((3, 4)))
-  built = si.build({"name": "soft_injection", "library": str(tmp_path),
-                    "tasks": ["u", "t"]})
+  built = methods.build({"name": "soft_injection", "library": str(tmp_path),
+                         "tasks": ["u", "t"]})
   np.testing.assert_array_equal(built.embeddings, emb[::-1])
   np.testing.assert_array_equal(built.alpha_logits[0], np.ones((3, 4)))
   with pytest.raises(ValueError, match="matches"):
     si.capture(model, params, inputs, pattern=r".*/nothing")
+
+
+def test_first_token_loss_is_the_injected_first_target_cross_entropy():
+  """The Fitter loss of fit_alpha: per row, -log p(first target) read at the
+  prompt's last real token with the embedding injected there (alpha_of(0) =
+  0.5 everywhere), as (B, 1) arrays with unit weights."""
+  model, params, inputs = _tiny()
+  emb = jax.random.normal(jax.random.key(2), (3, 4, 8))
+  method = si.SoftInjection(emb)
+  tree = nn.unbox(method.init(jax.random.key(0), model, params))
+  mask = jnp.asarray([[1] * 9, [1] * 6 + [0] * 3, [0] * 5 + [1] * 4])
+  batch = dict(inputs, attention_mask=mask, first_target=jnp.asarray([5, 6, 7]),
+               task_index=jnp.zeros((3,), jnp.int32))
+  nll, correct, weights = si.first_token_loss(
+      method, model, "decoder", {"base": params, **tree}, batch, None)
+  assert nll.shape == correct.shape == weights.shape == (3, 1)
+  logits = si.apply_injected(model, params, dict(inputs, attention_mask=mask),
+                             emb, jnp.full((3, 4), 0.5))
+  last = jax.nn.log_softmax(logits[jnp.arange(3), jnp.asarray([8, 5, 8])])
+  np.testing.assert_allclose(nll[:, 0], -last[jnp.arange(3), [5, 6, 7]],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(weights, 1.0)
 
 
 # ----------------------------------------------------------- trained test bed --
@@ -142,23 +175,20 @@ def test_method_object_save_load_and_bad_pattern(tmp_path):
 
 @pytest.fixture(scope="module")
 def bed():
-  """Test bed + per held-out task: (embedding, alpha fit) from train examples."""
-  from mtjax import data
+  """Test bed + per held-out task: (embedding, alpha fit) from train examples
+  (embedding: the first 200; alpha fitted on 64, validated on the last 32).
+  Every random choice is seeded (SEED)."""
   vocab = data.vocabulary("byte")
-  tb = sa.train_testbed(vocab, steps=500, batch_size=16, max_len=MAX_LEN,
-                        max_shots=SHOTS, remap_prob=0.5, learning_rate=3e-3,
-                        seed=1,
-                        model_kwargs=dict(hidden=64, layers_=3, heads=4, mlp=128))
+  tb = sa.train_testbed(vocab, **TESTBED)
   fitted = {}
   for task in HELD_OUT:
     train = suite.examples(task, "train")
     emb = si.task_embedding(tb.model, tb.params, sa.embedding_prompts(
-        train[:200], 16, SHOTS, 0, vocab.encode, MAX_LEN), batch_size=16)
-    fit = si.fit_alpha(
+        train[:200], 16, SHOTS, SEED, vocab.encode, MAX_LEN), batch_size=16)
+    fit = sa.fit_alpha(
         tb.model, tb.params, emb,
         sa.first_token_batch(train[-96:-32], vocab.encode, MAX_LEN),
-        sa.first_token_batch(train[-32:], vocab.encode, MAX_LEN),
-        steps=100, learning_rate=0.2, batch_size=4, eval_every=10)
+        sa.first_token_batch(train[-32:], vocab.encode, MAX_LEN), **ALPHA)
     fitted[task] = (emb, fit)
   return tb, fitted
 
@@ -175,36 +205,56 @@ def first_token_ce(logit_fn, prompts, evals, encode):
   return float(-logp[r, batch["input_ids"][r, pos + 1]].mean())
 
 
-def test_held_out_icl_and_soft_injection_beat_zero_shot(bed):
-  """On the held-out yes/no tasks, demonstrations (k-shot) and the injected
-  task embedding (0 demonstrations) both lower the first-answer-token loss.
+def test_fitted_soft_injection_lowers_held_out_first_token_loss(bed):
+  """Soft injection with alpha fitted on a held-out task's train rows lowers
+  the first-answer-token cross-entropy on its validation rows (never fitted
+  or used for selection), below zero-shot and below the same injection at
+  the initial alpha (0.5 on every head); means over both yes/no tasks.
 
-  The test bed's in-context ability is weak (a ~1 minute CPU model), so the
-  measure is the first target token's cross-entropy (what alpha is fitted on,
-  measured on validation examples never fitted), averaged over both tasks.
+  What the test bed shows on CPU, as means over the two tasks, for this
+  configuration in 16 runs: seeds 0-4 exactly as here (8 fake devices),
+  seeds 0-2 also on 1 device and with alpha fitted 200/300 steps or scored
+  on 200 validation rows (1 vs 8 devices and
+  XLA_FLAGS=--xla_cpu_enable_fast_math=false move them by < 0.005):
+    zero-shot - fitted injection   0.096 .. 0.21  (here, seed 1: 0.145)
+    alpha 0.5 - fitted injection   0.072 .. 0.25  (here, seed 1: 0.075)
+    zero-shot - 3-shot ICL        -0.21 .. 0.18   (not asserted: this small,
+                                   briefly trained model does not reliably
+                                   learn in context; nor does a task's own
+                                   embedding reliably beat another task's)
+  Per task the gains vary with the seed (0.001 .. 0.36), so only the means
+  are asserted, each with about half of its smallest measured value as
+  margin. A 500-step, 128-token test bed (the old one, 3x the time) gave
+  0.21-0.37 and 0.20-0.25 over seeds 0-2.
+  (The old version of this test asserted ICL < zero-shot and failed on
+  another machine: float summation order there acts like another seed.)
   """
   tb, fitted = bed
   model, params, enc = tb.model, tb.params, tb.vocab.encode
   plain = lambda i, m, p: model.apply({"params": params}, i, m)
-  zero, k_shot, injected = [], [], []
+
+  def injected(emb, alpha):
+    return lambda i, m, p: si.apply_injected(
+        model, params, {"input_ids": i, "attention_mask": m}, emb, alpha,
+        positions=p)
+
+  zero, half, fitted_ce = [], [], []
   for task in HELD_OUT:
     emb, fit = fitted[task]
     train = suite.examples(task, "train")
     evals = suite.examples(task, "validation", max_examples=100)
-    z = sa.few_shot_prompts(train, evals, 0, 0, enc, MAX_LEN)
-    k = sa.few_shot_prompts(train, evals, SHOTS, 0, enc, MAX_LEN)
-    alpha = si.alpha_of(fit.alpha_logits)
+    z = sa.few_shot_prompts(train, evals, 0, SEED, enc, MAX_LEN)
+    alpha = si.alpha_of(fit.value)
     zero.append(first_token_ce(plain, z, evals, enc))
-    k_shot.append(first_token_ce(plain, k, evals, enc))
-    injected.append(first_token_ce(lambda i, m, p: si.apply_injected(
-        model, params, {"input_ids": i, "attention_mask": m}, emb, alpha,
-        positions=p), z, evals, enc))
-    print(f"{task}: first-token CE zero-shot {zero[-1]:.3f}, {SHOTS}-shot "
-          f"{k_shot[-1]:.3f}, soft injection {injected[-1]:.3f} (alpha best "
-          f"step {fit.best_step})")
-  # Margins: about half of the gaps measured on CPU (see the report).
-  assert np.mean(k_shot) < np.mean(zero) - K_SHOT_MARGIN
-  assert np.mean(injected) < np.mean(zero) - INJECTION_MARGIN
+    half.append(first_token_ce(injected(emb, jnp.full_like(alpha, 0.5)), z,
+                               evals, enc))
+    fitted_ce.append(first_token_ce(injected(emb, alpha), z, evals, enc))
+    print(f"{task}: first-token CE zero-shot {zero[-1]:.3f}, injected at "
+          f"alpha 0.5 {half[-1]:.3f}, at fitted alpha {fitted_ce[-1]:.3f} "
+          f"(best step {fit.best_step})")
+  assert np.mean(zero) - np.mean(fitted_ce) > INJECTION_MARGIN, (zero,
+                                                                  fitted_ce)
+  assert np.mean(half) - np.mean(fitted_ce) > FIT_MARGIN, (half, fitted_ce)
 
 
 def test_cached_injected_generation_equals_recomputation(bed):
@@ -213,7 +263,7 @@ def test_cached_injected_generation_equals_recomputation(bed):
   enc = tb.vocab.encode
   evals = suite.examples(HELD_OUT[0], "validation", max_examples=4)
   ids, mask = sa.left_pad([enc(ex["inputs"] + "\n") for ex in evals])
-  alpha = si.alpha_of(fit.alpha_logits)
+  alpha = si.alpha_of(fit.value)
   cached = si.generate(tb.model, tb.params, ids, mask, emb, alpha, 6)
   again = si.generate_uncached(tb.model, tb.params, ids, mask, emb, alpha, 6)
   np.testing.assert_array_equal(cached, again)
@@ -227,8 +277,8 @@ def test_batched_per_example_injection_equals_separate_runs(bed):
   enc = tb.vocab.encode
   (e0, f0), (e1, f1) = fitted[HELD_OUT[0]], fitted[HELD_OUT[1]]
   bank = jnp.stack([e0, e1])
-  alphas = jnp.stack([si.alpha_of(f0.alpha_logits),
-                      si.alpha_of(f1.alpha_logits)])
+  alphas = jnp.stack([si.alpha_of(f0.value),
+                      si.alpha_of(f1.value)])
   evals = suite.examples(HELD_OUT[0], "validation", max_examples=4)
   ids, mask = sa.left_pad([enc(ex["inputs"] + "\n") for ex in evals])
   index = jnp.asarray([1, 0, 0, 1])
@@ -250,18 +300,17 @@ def test_batched_per_example_injection_equals_separate_runs(bed):
 
 def test_heatmap_and_overlap(bed, tmp_path):
   _, fitted = bed
-  alphas = {t: np.asarray(si.alpha_of(f.alpha_logits))
+  alphas = {t: np.asarray(si.alpha_of(f.value))
             for t, (_, f) in fitted.items()}
   alphas["x"] = alphas[HELD_OUT[0]]
-  png, text = sa.write_analysis(alphas, str(tmp_path), k=3)
+  png, text = analysis.write_analysis(alphas, str(tmp_path), k=3)
   assert (tmp_path / "alpha_heatmap.png").stat().st_size > 1000
-  tasks, mat = sa.jaccard_matrix(alphas, 3)
+  tasks, mat = analysis.jaccard_matrix(alphas, 3)
   assert mat[tasks.index("x"), tasks.index(HELD_OUT[0])] == 1.0
   assert "Jaccard" in text and png.endswith(".png")
 
 
 def test_t5_decoder_self_attention_injection_at_step_zero():
-  from mtjax.models import t5
   cfg = t5.T5Config(vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=64,
                     num_layers=2, num_decoder_layers=3, dropout_rate=0.0)
   model = t5.Model(cfg)

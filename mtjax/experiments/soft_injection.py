@@ -1,99 +1,79 @@
-"""Soft injection experiments (mtjax/methods/soft_injection.py; "Soft Injection
+"""Soft injection experiment (mtjax/methods/soft_injection.py; "Soft Injection
 of Task Embeddings Outperforms Prompt-Based In-Context Learning", 2025).
 
-  * analysis: per-task heatmaps of the learned alpha over (layer, head) and
-    the overlap (Jaccard) of the top-k heads between tasks;
-  * the test bed: a small Llama-style decoder trained on the bundled suite in
-    MetaICL format (train_testbed);
+  * the test bed: a small Llama-style decoder trained from scratch on the
+    bundled suite in MetaICL format (`train_testbed`);
+  * fitting: head-selection alpha (`fit_alpha`) and prompt tuning
+    (`fit_prompt`) with the model frozen, keeping the best-validation
+    parameters (`fit_best`);
   * prompts, scoring and timed generation shared by the tests, the benchmark
-    and `run_experiment` (the configs/soft_injection.py job), which compares
-    zero-shot, k-shot ICL, soft injection and prompt tuning per task.
+    and `run_experiment` (the 'soft_injection' job, configs/soft_injection.py),
+    which compares zero-shot, k-shot ICL, soft injection and prompt tuning per
+    task; the alpha heatmaps and head overlaps are mtjax.evaluation.analysis.
+
+All three trainings run the one fit loop (mtjax.training.fit.Fitter): the
+test bed is full fine-tuning ('full'), alpha is the 'soft_injection' method
+(trainable 'soft_injection/alpha_logits') with the first-target-token loss
+(si.first_token_loss), prompt tuning the 'prompt_tuning' method with the
+default target-token loss. Everything runs on one device (`one_device_mesh`):
+the models are tiny and alpha is fitted with batch size 1.
 """
 import dataclasses
-import itertools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from mtjax import data
+from mtjax import data, methods
 from mtjax.data import suite
-from mtjax.evaluation import plots
+from mtjax.evaluation import analysis
 from mtjax.experiments.train import JOBS
 from mtjax.methods import prompt_tuning
 from mtjax.methods import soft_injection as si
-from mtjax.models import decoder
+from mtjax.models import decoder, hf, sharding
+from mtjax.training import fit, trainer
 
 
-def top_k_heads(alpha, k):
-  """(L, H) alpha -> set of (layer, head) of the k largest values."""
-  alpha = np.asarray(alpha)
-  flat = np.argsort(-alpha, axis=None, kind="stable")[:k]
-  return {tuple(int(i) for i in np.unravel_index(f, alpha.shape)) for f in flat}
+def one_device_mesh():
+  """A (1, 1, 1) mesh on the first device: the experiment's models are tiny."""
+  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
-def jaccard_matrix(alphas, k):
-  """{task: (L, H)} -> (tasks, (n, n) Jaccard overlap of their top-k heads)."""
-  tasks = sorted(alphas)
-  tops = {t: top_k_heads(alphas[t], k) for t in tasks}
-  mat = np.ones((len(tasks), len(tasks)))
-  for (i, a), (j, b) in itertools.product(enumerate(tasks), repeat=2):
-    mat[i, j] = len(tops[a] & tops[b]) / max(1, len(tops[a] | tops[b]))
-  return tasks, mat
+def optimizer(learning_rate, **options):
+  """An optimizer config for Fitter: AdamW (no weight decay unless given),
+  constant learning rate unless `decay` is given."""
+  return ml_collections.ConfigDict(dict(
+      {"name": "adamw", "learning_rate": learning_rate, "decay": "constant"},
+      **options))
 
 
-def format_jaccard(tasks, mat, k):
-  width = max(len(t) for t in tasks)
-  lines = [f"Jaccard overlap of top-{k} heads"]
-  lines.append(" " * width + " " + " ".join(f"{t[:8]:>8}" for t in tasks))
-  for t, row in zip(tasks, mat):
-    lines.append(f"{t:>{width}} " + " ".join(f"{v:8.2f}" for v in row))
-  return "\n".join(lines)
+def lm_batch(ids, weights):
+  """Right-padded token rows (B, T) and their loss weights -> a Fitter batch
+  (the trainer's decoder format: predict ids[:, 1:] from ids[:, :-1])."""
+  ids, weights = np.asarray(ids, np.int32), np.asarray(weights, np.float32)
+  return {"decoder_input_tokens": ids[:, :-1],
+          "decoder_target_tokens": ids[:, 1:],
+          "decoder_loss_weights": weights[:, 1:],
+          "task_index": np.zeros((len(ids),), np.int32)}
 
 
-def plot_alpha_heatmaps(alphas, path, title="soft-injection alpha"):
-  """One heatmap (layers x heads, colour = alpha in [0, 1]) per task -> PNG path."""
-  plt = plots.pyplot()
-  tasks = sorted(alphas)
-  fig, axes = plt.subplots(1, len(tasks), figsize=(2.2 * len(tasks) + 1, 3.0),
-                           squeeze=False, constrained_layout=True)
-  for ax, task in zip(axes[0], tasks):
-    a = np.asarray(alphas[task])
-    im = ax.imshow(a, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_title(task, fontsize=8)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(a.shape[1]))
-    ax.set_yticks(range(a.shape[0]))
-  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="alpha")
-  fig.suptitle(title, fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def write_analysis(alphas, workdir, k=None):
-  """Heatmap PNG + Jaccard JSON/text under workdir; returns (png, text)."""
-  some = np.asarray(next(iter(alphas.values())))
-  k = k or max(1, some.size // 4)
-  png = plot_alpha_heatmaps(alphas, os.path.join(workdir, "alpha_heatmap.png"))
-  tasks, mat = jaccard_matrix(alphas, k)
-  text = format_jaccard(tasks, mat, k)
-  with open(os.path.join(workdir, "head_overlap.json"), "w") as f:
-    json.dump({"k": k, "tasks": tasks, "jaccard": mat.tolist(),
-               "top_k": {t: sorted(top_k_heads(alphas[t], k)) for t in tasks},
-               "alpha": {t: np.asarray(alphas[t]).tolist() for t in tasks}},
-              f, indent=1)
-  with open(os.path.join(workdir, "head_overlap.txt"), "w") as f:
-    f.write(text + "\n")
-  return png, text
+def epoch_batches(rows: dict, batch_size: int, seed: int) -> Iterator[dict]:
+  """Infinite host batches of `batch_size` rows of the dict of arrays `rows`,
+  drawn without replacement and reshuffled each epoch (numpy, seeded)."""
+  n = len(next(iter(rows.values())))
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n)
+  while True:
+    if len(order) < batch_size:
+      order = np.concatenate([order, rng.permutation(n)])
+    idx, order = order[:batch_size], order[batch_size:]
+    yield {k: np.asarray(v)[idx] for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------- test bed --
@@ -186,42 +166,39 @@ def testbed_model(vocab, hidden=64, layers_=4, heads=4, mlp=128, max_len=1024):
 
 def train_testbed(vocab, *, tasks=None, steps=600, batch_size=32, max_len=256,
                   max_shots=5, remap_prob=0.5, learning_rate=3e-3, seed=0,
-                  model_kwargs=None, log_every=100):
-  """Trains the test-bed decoder with a compact optax loop -> TestBed."""
+                  model_kwargs=None, log_every=100, mesh=None):
+  """Trains the test-bed decoder from scratch (full fine-tuning, Fitter) -> TestBed.
+
+  AdamW (weight decay 0.01 on matrices), linear warmup over steps // 10 then
+  cosine decay to learning_rate / 10, gradients clipped at norm 1. Seeded:
+  `seed` fixes the initial weights and the batches.
+  """
   tasks = list(tasks or suite.HELD_IN)
+  mesh = mesh or one_device_mesh()
   model = testbed_model(vocab, **(model_kwargs or {}))
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
-  params = nn_unbox(params["params"])
-  sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps,
-                                             learning_rate * 0.1)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(sched, weight_decay=0.01))
-  state = opt.init(params)
+  method = methods.build({"name": "full"})
+  init_rng, method_rng = jax.random.split(jax.random.key(seed))
+  base = sharding.init_sharded(model, init_rng, mesh,
+                               **hf.dummy_inputs(model.config))
+  flat, flat_sh = trainer.init_params(model, method, method_rng, mesh, base)
+  fitter = fit.Fitter(method, model, mesh, optimizer(
+      learning_rate, decay="cosine", warmup_steps=max(1, steps // 10),
+      end_factor=0.1, weight_decay=0.01, grad_clip=1.0), steps, seed=seed)
+  batches = (lm_batch(ids, w) for ids, w in testbed_batches(
+      tasks, vocab, batch_size, max_len, max_shots, remap_prob, seed))
+  losses = []
 
-  def loss_fn(p, ids, w):
-    logits = model.apply({"params": p}, ids[:, :-1], (ids[:, :-1] != 0))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-    return (ce * w[:, 1:]).sum() / jnp.maximum(w[:, 1:].sum(), 1.0)
+  def on_step(done, state, metrics):
+    del state
+    if done % log_every == 0 or done == steps:
+      losses.append((done, float(metrics["loss"])))
 
-  @jax.jit
-  def step(p, s, ids, w):
-    loss, g = jax.value_and_grad(loss_fn)(p, ids, w)
-    upd, s = opt.update(g, s, p)
-    return optax.apply_updates(p, upd), s, loss
-
-  batches = testbed_batches(tasks, vocab, batch_size, max_len, max_shots,
-                            remap_prob, seed)
-  losses, start = [], time.time()
-  for i in range(steps):
-    ids, w = next(batches)
-    params, state, loss = step(params, state, ids, w)
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      losses.append((i + 1, float(loss)))
+  start = time.time()
+  with sharding.use_mesh(mesh):
+    state, frozen = fitter.init(flat, flat_sh)
+    state, _ = fitter.run(state, frozen, batches, on_step=on_step)
+  params = fitter.params(state, frozen)["base"]
   return TestBed(model, params, vocab, losses, time.time() - start)
-
-
-def nn_unbox(tree):
-  return nn.unbox(tree)
 
 
 # ------------------------------------------------------ prompts and scoring --
@@ -276,14 +253,6 @@ def embedding_prompts(train, num_prompts, num_shots, seed, encode, max_len):
   return {"input_ids": ids, "attention_mask": mask}
 
 
-def first_token_batch(examples, encode, max_len):
-  """Zero-shot prompts + first target token, for fitting alpha."""
-  ids, mask = left_pad([render([], ex, encode, max_len) for ex in examples])
-  first = np.asarray([encode(ex["targets"] + "\n")[0] for ex in examples],
-                     np.int32)
-  return {"input_ids": ids, "attention_mask": mask, "first_target": first}
-
-
 def decode_answer(vocab, ids, stop_id):
   ids = [int(i) for i in ids]
   if stop_id in ids:
@@ -312,7 +281,7 @@ def timed_generation(gen_fn, prompts, batch_size):
   results = [gen_fn(ids, mask) for _, (ids, mask) in batches]
   jax.block_until_ready(results)
   seconds = time.perf_counter() - start
-  for (idx, _), res in zip(batches, results):
+  for (idx, _), res in zip(batches, results, strict=True):
     res = np.asarray(res)
     for j, i in enumerate(idx):
       outs[i] = res[j]
@@ -322,7 +291,92 @@ def timed_generation(gen_fn, prompts, batch_size):
 def exact_match(vocab, outputs, examples, stop_id):
   preds = [decode_answer(vocab, o, stop_id) for o in outputs]
   return float(np.mean([p == ex["targets"].strip()
-                        for p, ex in zip(preds, examples)])), preds
+                        for p, ex in zip(preds, examples, strict=True)])), preds
+
+
+# ------------------------------------------------ fitting alpha and prompts --
+
+
+@dataclasses.dataclass
+class FitResult:
+  params: dict                       # {path: array}: the best-validation
+                                     # trainable leaves (host numpy)
+  best_step: int                     # 0 = the initial parameters
+  best_val_loss: float
+  history: list                      # [(step, train_loss, val_loss)]
+  value: Optional[np.ndarray] = None  # the fitted array: alpha logits (L, H)
+                                      # (fit_alpha), prompt (P, d) (fit_prompt)
+
+
+def fit_best(fitter: fit.Fitter, flat: dict, flat_sh: dict,
+             batches: Iterator[dict], val: dict, *, eval_every: int = 10,
+             loss: Callable = trainer.target_token_loss) -> FitResult:
+  """fitter.run over `batches`, keeping the trainable leaves with the lowest
+  validation loss (mean per-token NLL of `loss` over the host batch `val`),
+  evaluated before the first step, every `eval_every` steps and after the
+  last. `loss` must be the fitter's."""
+  mesh, kind = fitter.mesh, trainer.model_kind(fitter.model)
+
+  def mean_nll(trainable, frozen, batch):
+    total, sums = trainer.loss_and_metrics(fitter.method, fitter.model, kind, 1,
+                                           trainable, frozen, batch, None, loss)
+    return total / jnp.maximum(sums["all_tokens"], 1.0)
+
+  val_fn = jax.jit(mean_nll)
+  with sharding.use_mesh(mesh):
+    state, frozen = fitter.init(flat, flat_sh)
+    val = trainer.put_batch(val, mesh)
+    v0 = float(val_fn(state["params"], frozen, val))
+    best = {"loss": v0, "step": 0, "params": jax.device_get(state["params"])}
+    history = [(0, float("nan"), v0)]
+
+    def on_step(done, state, metrics):
+      if done % eval_every and done != fitter.num_steps:
+        return
+      v = float(val_fn(state["params"], frozen, val))
+      history.append((done, float(metrics["loss"]), v))
+      if v < best["loss"]:
+        best.update(loss=v, step=done, params=jax.device_get(state["params"]))
+
+    fitter.run(state, frozen, batches, on_step=on_step)
+  return FitResult(params=best["params"], best_step=best["step"],
+                   best_val_loss=best["loss"], history=history)
+
+
+def first_token_batch(examples, encode, max_len):
+  """Left-padded zero-shot prompts + their first target token (fit_alpha)."""
+  ids, mask = left_pad([render([], ex, encode, max_len) for ex in examples])
+  first = np.asarray([encode(ex["targets"] + "\n")[0] for ex in examples],
+                     np.int32)
+  return {"input_ids": ids, "attention_mask": mask, "first_target": first,
+          "task_index": np.zeros((len(examples),), np.int32)}
+
+
+def fit_alpha(model, params, embedding, train, val, *, steps=400,
+              learning_rate=0.2, batch_size=1, eval_every=10, seed=0,
+              pattern=None, mesh=None) -> FitResult:
+  """Head selection: Adam (constant learning rate) on the (L, H) alpha
+  logits (init 0, alpha 0.5) of the 'soft_injection' method, model frozen,
+  loss the cross-entropy of the first target token (si.first_token_loss).
+
+  train / val: `first_token_batch` dicts; batches are drawn without
+  replacement from train, reshuffled each epoch (seeded). Keeps the logits
+  with the lowest validation loss (FitResult.value, (L, H)), unlike the
+  paper's reference code, which keeps the last ones.
+  """
+  mesh = mesh or one_device_mesh()
+  method = methods.build({"name": "soft_injection",
+                          "embeddings": np.asarray(embedding, np.float32),
+                          "pattern": pattern})
+  flat, flat_sh = trainer.init_params(model, method, jax.random.key(seed),
+                                      mesh, params)
+  fitter = fit.Fitter(method, model, mesh, optimizer(learning_rate), steps,
+                      seed=seed, loss=si.first_token_loss)
+  result = fit_best(fitter, flat, flat_sh,
+                    epoch_batches(train, batch_size, seed), val,
+                    eval_every=eval_every, loss=si.first_token_loss)
+  result.value = np.asarray(result.params[method.trainable])[0]
+  return result
 
 
 # ------------------------------------------------------------ prompt tuning --
@@ -349,7 +403,7 @@ def prompt_prefill(model, params, input_ids, attention_mask, extra,
 
 
 def target_batch(examples, encode, max_len):
-  """Right-padded zero-shot prompt + 'y\\n' with loss weights on 'y\\n'."""
+  """Right-padded zero-shot prompt + 'y\\n', loss on 'y\\n' -> `lm_batch`."""
   rows, weights = [], []
   for ex in examples:
     a = render([], ex, encode, max_len)
@@ -359,55 +413,35 @@ def target_batch(examples, encode, max_len):
   t = max(len(r) for r in rows)
   ids = np.zeros((len(rows), t), np.int32)
   w = np.zeros((len(rows), t), np.float32)
-  for i, (r, wt) in enumerate(zip(rows, weights)):
+  for i, (r, wt) in enumerate(zip(rows, weights, strict=True)):
     ids[i, :len(r)] = r
     w[i, :len(r)] = wt
-  return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
-          "weights": w}
+  return lm_batch(ids, w)
 
 
 def fit_prompt(model, params, train, val, *, length=10, steps=400,
-               learning_rate=0.1, batch_size=1, eval_every=10, seed=0):
-  """Prompt tuning (Lester et al. 2021) with the same budget as fit_alpha.
+               learning_rate=0.1, batch_size=1, eval_every=10, seed=0,
+               mesh=None) -> FitResult:
+  """Prompt tuning (Lester et al. 2021; the 'prompt_tuning' method, init
+  from sampled vocabulary embeddings) with the same budget as fit_alpha.
 
-  train / val: `target_batch` dicts. Loss: cross-entropy of the whole target.
-  Keeps the prompt with the best validation loss. -> (prompt (P, d), best loss)
+  train / val: `target_batch` dicts. Loss: cross-entropy of the whole target
+  (the trainer's default). Adam, constant learning rate; keeps the prompt
+  with the best validation loss (FitResult.value, (P, d)).
   """
-  method = prompt_tuning.PromptTuning(length=length, init="vocab",
-                                      sample_vocab=model.config.vocab_size)
-  tree = nn.unbox(method.init(jax.random.key(seed), model, params))["prompt"]
-
-  def loss_fn(prompt_tree, b):
-    logits = method.apply(model, {"base": params, "prompt": prompt_tree},
-                          {"input_ids": b["input_ids"],
-                           "attention_mask": b["attention_mask"]})
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1], b["input_ids"][:, 1:])
-    w = b["weights"][:, 1:]
-    return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-  opt = optax.adam(learning_rate)
-
-  @jax.jit
-  def step(t, s, b):
-    loss, g = jax.value_and_grad(loss_fn)(t, b)
-    u, s = opt.update(g, s, t)
-    return optax.apply_updates(t, u), s, loss
-
-  val_loss = jax.jit(loss_fn)
-  val = {k: jnp.asarray(v) for k, v in val.items()}
-  rng = np.random.default_rng(seed)
-  n = len(train["input_ids"])
-  state = opt.init(tree)
-  best = (float(val_loss(tree, val)), tree)
-  for i in range(1, steps + 1):
-    idx = rng.choice(n, size=batch_size, replace=False)
-    tree, state, _ = step(tree, state, {k: v[idx] for k, v in train.items()})
-    if i % eval_every == 0 or i == steps:
-      v = float(val_loss(tree, val))
-      if v < best[0]:
-        best = (v, tree)
-  return best[1]["embedding"], best[0]
+  mesh = mesh or one_device_mesh()
+  method = methods.build({"name": "prompt_tuning", "length": length,
+                          "init": "vocab",
+                          "sample_vocab": model.config.vocab_size})
+  flat, flat_sh = trainer.init_params(model, method, jax.random.key(seed),
+                                      mesh, params)
+  fitter = fit.Fitter(method, model, mesh, optimizer(learning_rate), steps,
+                      seed=seed)
+  result = fit_best(fitter, flat, flat_sh,
+                    epoch_batches(train, batch_size, seed), val,
+                    eval_every=eval_every)
+  result.value = np.asarray(result.params["prompt/embedding"])
+  return result
 
 
 # --------------------------------------------------------------- experiment --
@@ -460,26 +494,28 @@ def _method_rows(model, params, vocab, task, cfg, seed):
   emb = si.task_embedding(model, params, embedding_prompts(
       emb_rows, cfg.num_prompts, cfg.num_shots, seed, enc, cfg.max_prompt_len),
       batch_size=bs)
-  fit = si.fit_alpha(model, params, emb,
-                     first_token_batch(fit_rows, enc, cfg.max_prompt_len),
-                     first_token_batch(val_rows, enc, cfg.max_prompt_len),
-                     steps=cfg.alpha.steps, learning_rate=cfg.alpha.learning_rate,
-                     batch_size=cfg.alpha.batch_size, seed=seed)
-  alpha = si.alpha_of(fit.alpha_logits)
+  alpha_fit = fit_alpha(
+      model, params, emb, first_token_batch(fit_rows, enc, cfg.max_prompt_len),
+      first_token_batch(val_rows, enc, cfg.max_prompt_len),
+      steps=cfg.alpha.steps, learning_rate=cfg.alpha.learning_rate,
+      batch_size=cfg.alpha.batch_size, seed=seed)
+  alpha = si.alpha_of(alpha_fit.value)
   evaluate("soft-injection", zero, si.injected_prefill, (emb, alpha, None),
            lambda i, m, pos: si.apply_injected(
                model, params, {"input_ids": i, "attention_mask": m}, emb,
                alpha, positions=pos))
-  extra.update(alpha=np.asarray(alpha), embedding=np.asarray(emb),
-               best_step=fit.best_step, best_val_loss=fit.best_val_loss)
+  extra.update(alpha=np.asarray(alpha), alpha_logits=alpha_fit.value,
+               embedding=np.asarray(emb), best_step=alpha_fit.best_step,
+               best_val_loss=alpha_fit.best_val_loss)
 
   if cfg.prompt_tuning.length:
-    prompt, _ = fit_prompt(
+    prompt_fit = fit_prompt(
         model, params, target_batch(fit_rows, enc, cfg.max_prompt_len),
         target_batch(val_rows, enc, cfg.max_prompt_len),
         length=cfg.prompt_tuning.length, steps=cfg.alpha.steps,
         learning_rate=cfg.prompt_tuning.learning_rate,
         batch_size=cfg.alpha.batch_size, seed=seed)
+    prompt = prompt_fit.value
     method = prompt_tuning.PromptTuning(length=cfg.prompt_tuning.length)
     evaluate("prompt-tuning", zero, prompt_prefill, (prompt,),
              lambda i, m, pos: method.apply(
@@ -495,7 +531,8 @@ def format_table(results):
   cols = "  EM  1st   NLL ms/ex"
   lines = [f"{'task':<{width}}" + "".join(f"{m:>23}" for m in methods),
            f"{'':<{width}}" + "".join(f"{cols:>23}" for _ in methods)]
-  fmt = lambda r: f"{r['em']:>6.2f}{r['first']:>5.2f}{r['nll']:>6.2f}{r['sec'] * 1e3:>6.1f}"
+  fmt = lambda r: (f"{r['em']:>6.2f}{r['first']:>5.2f}{r['nll']:>6.2f}"
+                   f"{r['sec'] * 1e3:>6.1f}")
   for task, row in results.items():
     lines.append(f"{task:<{width}}" + "".join(f"{fmt(row[m]):>23}"
                                               for m in methods))
@@ -534,16 +571,17 @@ def run_experiment(config, workdir: str) -> dict:
       continue
     results[task], alphas[task] = rows, extra["alpha"]
     si.save(os.path.join(workdir, "task_embeddings"), task, extra["embedding"],
-            np.log(extra["alpha"] / (1 - extra["alpha"])),
-            num_prompts=config.num_prompts, num_shots=config.num_shots,
-            best_step=extra["best_step"], best_val_loss=extra["best_val_loss"])
+            extra["alpha_logits"], num_prompts=config.num_prompts,
+            num_shots=config.num_shots, best_step=extra["best_step"],
+            best_val_loss=extra["best_val_loss"])
     print(task, json.dumps(rows), flush=True)
   table = format_table(results)
   print("EM: exact match of the greedy answer; 1st: first answer token "
         "accuracy; NLL: target loss per token; ms/ex: greedy generation time "
         "per example")
   print(table)
-  png, overlap = write_analysis(alphas, workdir, k=config.top_k or None)
+  png, overlap = analysis.write_analysis(alphas, workdir,
+                                         k=config.top_k or None)
   print(overlap)
   out = {"results": results,
          "columns": {"em": "exact match of the greedy answer",
@@ -568,7 +606,7 @@ def scoring_batch(prompts, examples, encode):
   position (B,) of each prompt's last token.
   """
   rows, pos, spans = [], [], []
-  for p, ex in zip(prompts, examples):
+  for p, ex in zip(prompts, examples, strict=True):
     y = encode(ex["targets"] + "\n")
     rows.append(list(p) + y)
     pos.append(len(p) - 1)
@@ -576,7 +614,7 @@ def scoring_batch(prompts, examples, encode):
   t = -(-max(len(r) for r in rows) // 32) * 32
   ids = np.zeros((len(rows), t), np.int32)
   w = np.zeros((len(rows), t), np.float32)
-  for i, (r, (a, b)) in enumerate(zip(rows, spans)):
+  for i, (r, (a, b)) in enumerate(zip(rows, spans, strict=True)):
     ids[i, :len(r)] = r
     w[i, a:b] = 1.0
   return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),

@@ -12,9 +12,11 @@ attention output projection:
     head <- (1 - alpha) * head + alpha * embedding,   alpha = sigmoid(logit)
 
 with one learned logit per (layer, head) (init 0, alpha = 0.5), fitted with the
-model frozen on the cross-entropy of the first target token. The KV cache
-carries the edited position into generation, so inference costs one zero-shot
-forward pass.
+model frozen on the cross-entropy of the first target token (`first_token_loss`,
+a custom loss for the one fit loop; the fitting itself, `fit_alpha`, lives in
+mtjax.experiments.soft_injection because methods sit below training). The KV
+cache carries the edited position into generation, so inference costs one
+zero-shot forward pass.
 
 The base models know nothing about this: every head output is read or edited by
 intercepting the attention output projection (a `layers.Linear` whose input is
@@ -25,7 +27,6 @@ Arrays:
   alpha_logits (L, H); (K, L, H) for a bank.
   positions  (B,) int32, the injection position of each row.
 """
-import dataclasses
 import functools
 import json
 import os
@@ -36,11 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from safetensors.numpy import load_file, save_file
 
 from mtjax.methods import transform
-from mtjax.models import decoder, layers
+from mtjax.models import decoder, decoding, layers
 
 # Decoder-only self-attention output projections (Llama/Qwen2/Gemma/Mistral
 # 'o_proj', BLOOM 'dense'); T5's decoder self-attention 'o'.
@@ -173,7 +173,8 @@ def task_embedding(model, params, prompts, *, batch_size=8, pattern=None,
 
 
 def inject_edit(embedding, alpha, positions):
-  """edit(layer, heads) mixing per-row embedding (B,L,H,D) with alpha (B,L,H) at positions (B,)."""
+  """edit(layer, heads) mixing per-row embedding (B,L,H,D) with alpha (B,L,H)
+  at positions (B,)."""
 
   def edit(layer, heads):
     t = heads.shape[1]
@@ -223,71 +224,30 @@ def alpha_of(alpha_logits):
 # ---------------------------------------------------------- fitting alpha --
 
 
-def first_token_loss(model, params, embedding, alpha_logits, batch, pattern=None):
-  """Mean cross-entropy of the first target token with the embedding injected.
+def first_token_loss(method, model, kind, params, batch, rng):
+  """Fitter loss (trainer.make_train_step's `loss=`): cross-entropy of the
+  first target token, predicted at each prompt's last real token.
 
-  batch: model inputs + 'first_target' (B,) int32.
+  batch: model inputs ('input_ids', 'attention_mask' (B, T), left- or
+  right-padded prompts; optional 'adapter_index', 'injection_position' (B,))
+  + 'first_target' (B,) int32 (+ 'task_index' (B,) for the metrics).
+  The prediction is read where soft injection injects (`injection_positions`:
+  the last real prompt token; T5: decoder step 0). Returns per-token (nll,
+  correct, weights), each (B, 1): one target token per row. Works for any
+  method; mtjax.experiments.soft_injection.fit_alpha fits alpha with it.
   """
-  inputs = {k: v for k, v in batch.items() if k != "first_target"}
+  del kind
+  inputs = {k: v for k, v in batch.items()
+            if k not in ("first_target", "task_index")}
   positions = injection_positions(model, inputs)
-  logits = apply_injected(model, params, inputs, embedding,
-                          alpha_of(alpha_logits), positions=positions,
-                          pattern=pattern)
-  last = jnp.take_along_axis(logits, positions[:, None, None], axis=1)[:, 0]
-  return optax.softmax_cross_entropy_with_integer_labels(
-      last, batch["first_target"]).mean()
-
-
-@dataclasses.dataclass
-class FitResult:
-  alpha_logits: np.ndarray           # (L, H), the best-validation logits
-  best_step: int
-  best_val_loss: float
-  history: list                      # [(step, train_loss, val_loss)]
-
-
-def fit_alpha(model, params, embedding, train, val, *, steps=400,
-              learning_rate=0.2, batch_size=1, eval_every=10, seed=0,
-              pattern=None):
-  """Adam on the (L, H) head-selection logits with the model frozen.
-
-  train / val: model inputs dicts + 'first_target', leading dim = examples.
-  Keeps the logits with the lowest validation loss (evaluated at step 0 and
-  every `eval_every` steps), unlike the paper's reference code, which keeps
-  the last ones.
-  """
-  num_layers, num_heads = embedding.shape[:2]
-  logits0 = jnp.zeros((num_layers, num_heads), jnp.float32)
-  opt = optax.adam(learning_rate)
-  loss_fn = lambda a, b: first_token_loss(model, params, embedding, a, b, pattern)
-
-  @jax.jit
-  def step(a, state, b):
-    loss, grad = jax.value_and_grad(loss_fn)(a, b)
-    updates, state = opt.update(grad, state, a)
-    return optax.apply_updates(a, updates), state, loss
-
-  val = {k: jnp.asarray(v) for k, v in val.items()}
-  val_loss = jax.jit(loss_fn)
-  n = len(train["first_target"])
-  rng = np.random.default_rng(seed)
-  a, state = logits0, opt.init(logits0)
-  best = (float(val_loss(a, val)), 0, np.asarray(a))
-  history, train_loss = [(0, float("nan"), best[0])], float("nan")
-  order = rng.permutation(n)
-  for i in range(1, steps + 1):
-    if len(order) < batch_size:
-      order = np.concatenate([order, rng.permutation(n)])
-    idx, order = order[:batch_size], order[batch_size:]
-    a, state, loss = step(a, state, {k: jnp.asarray(v[idx]) for k, v in train.items()})
-    train_loss = float(loss)
-    if i % eval_every == 0 or i == steps:
-      v = float(val_loss(a, val))
-      history.append((i, train_loss, v))
-      if v < best[0]:
-        best = (v, i, np.asarray(a))
-  return FitResult(alpha_logits=best[2], best_step=best[1],
-                   best_val_loss=best[0], history=history)
+  logits = method.apply(model, params, inputs, rng=rng,
+                        deterministic=rng is None)
+  last = jnp.take_along_axis(logits, positions[:, None, None], axis=1)
+  logp = jax.nn.log_softmax(last[:, 0].astype(jnp.float32))
+  target = jnp.asarray(batch["first_target"], jnp.int32)[:, None]
+  nll = -jnp.take_along_axis(logp, target, axis=-1)
+  correct = (jnp.argmax(logp, -1)[:, None] == target).astype(jnp.float32)
+  return nll, correct, jnp.ones_like(nll)
 
 
 # ------------------------------------------------------ the method object --
@@ -318,7 +278,7 @@ class SoftInjection:
 
   def init(self, rng, model, base_params):
     del rng, model, base_params
-    names = ("experts", "layers", "heads")
+    names = ("adapters", "layers", "heads")  # 'adapters': replicated
     return {"soft_injection": {
         "alpha_logits": nn.LogicallyPartitioned(
             jnp.asarray(self.alpha_logits), names),
@@ -362,9 +322,6 @@ def build(library: str = "", tasks: tuple = (), embeddings=None,
 # ------------------------------------------------------------ generation --
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prefill",
-                                             "max_new_tokens", "eos_ids",
-                                             "pad_id"))
 def greedy_with_prefill(model, params, input_ids, attention_mask, extra,
                         prefill, max_new_tokens, eos_ids=None, pad_id=0):
   """Greedy decoding (decoder-only) whose prefill call is `prefill`.
@@ -372,42 +329,35 @@ def greedy_with_prefill(model, params, input_ids, attention_mask, extra,
   prefill(model, params, input_ids, attention_mask, extra, max_new_tokens)
   -> (last-position logits (B, V), cache); `extra` is a pytree of arrays it
   reads (e.g. embedding and alpha). Every decoding step is a plain cached
-  model call, so methods that differ only in their prefill (zero-shot, ICL,
-  soft injection, prompt tuning) are timed on the same loop.
+  model call (decoder.decode_step) in the shared loop `decoding.decode`, so
+  methods that differ only in their prefill (zero-shot, ICL, soft injection,
+  prompt tuning) are timed on the same loop. Jitted with the model and
+  prefill static: refuses to run inside `nn.intercept_methods`.
   """
-  b = input_ids.shape[0]
-  logits, cache = prefill(model, params, input_ids, attention_mask, extra,
-                          max_new_tokens)
-  eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+  decoding.no_interceptors("soft_injection.greedy_with_prefill")
+  return _greedy_with_prefill(model, params, input_ids, attention_mask, extra,
+                              prefill, int(max_new_tokens),
+                              decoding.eos_tuple(eos_ids), int(pad_id))
 
-  def pick(logits, done):
-    tok = jnp.where(done, pad_id, jnp.argmax(logits, -1).astype(jnp.int32))
-    return tok, done | jnp.isin(tok, eos)
 
-  tok, done = pick(logits, jnp.zeros((b,), bool))
-
-  def step(carry, _):
-    cache, tok, done = carry
-    logits, mut = model.apply({"params": params, "cache": cache}, tok[:, None],
-                              jnp.ones((b, 1), jnp.int32), decode=True,
-                              mutable=["cache"])
-    new, done = pick(logits[:, -1], done)
-    return (mut["cache"], new, done), new
-
-  _, rest = jax.lax.scan(step, (cache, tok, done), None,
-                         length=max_new_tokens - 1)
-  return jnp.concatenate([tok[:, None], rest.T], axis=1)
+@functools.partial(jax.jit, static_argnames=("model", "prefill",
+                                             "max_new_tokens", "eos_ids",
+                                             "pad_id"))
+def _greedy_with_prefill(model, params, input_ids, attention_mask, extra,
+                         prefill, max_new_tokens, eos_ids, pad_id):
+  return decoding.decode(
+      lambda: prefill(model, params, input_ids, attention_mask, extra,
+                      max_new_tokens),
+      decoder.decode_step(model, params), max_new_tokens, eos_ids=eos_ids,
+      pad_id=pad_id)
 
 
 def plain_prefill(model, params, input_ids, attention_mask, extra,
                   max_new_tokens):
   """Zero-shot / ICL prefill: the unchanged model."""
   del extra
-  b, p = input_ids.shape
-  cache = decoder.init_cache(model, params, b, p + max_new_tokens)
-  logits, mut = model.apply({"params": params, "cache": cache}, input_ids,
-                            attention_mask, decode=True, mutable=["cache"])
-  return logits[:, -1], mut["cache"]
+  return decoder.prefill(model, params, input_ids, attention_mask,
+                         max_new_tokens)
 
 
 def injected_prefill(model, params, input_ids, attention_mask, extra,
@@ -430,7 +380,7 @@ def injected_prefill(model, params, input_ids, attention_mask, extra,
 
 
 def _eos_pad(model, eos_id):
-  eos_ids = None if eos_id is None else tuple(np.atleast_1d(eos_id).tolist())
+  eos_ids = decoding.eos_tuple(eos_id)
   pad_id = model.config.pad_token_id
   if pad_id is None:
     pad_id = eos_ids[0] if eos_ids else 0
