@@ -31,12 +31,13 @@ import functools
 import json
 import os
 import re
-from typing import Callable
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 from safetensors.numpy import load_file, save_file
 
 from mtjax.methods import transform
@@ -49,12 +50,21 @@ from mtjax.models import decoder, decoding, layers
 DECODER_PATTERN = r".*(self_attn/o_proj|self_attention/dense)"
 T5_PATTERN = r"(.*/)?decoder/.*SelfAttention/o"
 
+Model = Any  # a flax linen module (mtjax.models)
+Config = Any  # a model config (decoder.DecoderConfig, t5.T5Config)
+# edit(layer, heads (B, T, H, D)) -> heads
+HeadEdit = Callable[[int, jax.Array], jax.Array]
+# prefill(model, params, input_ids, attention_mask, extra, max_new_tokens)
+#     -> (last-position logits (B, V), cache)
+PrefillFn = Callable[[Model, dict, jax.Array, jax.Array, Any, int],
+                     Tuple[jax.Array, dict]]
 
-def default_pattern(config):
+
+def default_pattern(config: Config) -> str:
   return T5_PATTERN if config.is_encoder_decoder else DECODER_PATTERN
 
 
-def num_heads_of(config):
+def num_heads_of(config: Config) -> int:
   for name in ("num_attention_heads", "num_heads", "n_head"):
     if getattr(config, name, None):
       return int(getattr(config, name))
@@ -62,7 +72,7 @@ def num_heads_of(config):
                    "num_heads/n_head; pass num_heads= explicitly.")
 
 
-def layer_index(path):
+def layer_index(path: Tuple[str, ...]) -> int:
   """('model', 'layers_3', 'self_attn', 'o_proj') -> 3 (first '<name>_<int>')."""
   for part in path:
     m = re.fullmatch(r".*_(\d+)", part)
@@ -73,7 +83,7 @@ def layer_index(path):
 
 
 def head_hook(pattern: str, num_heads: int,
-              edit: Callable[[int, jax.Array], jax.Array]):
+              edit: HeadEdit) -> Callable[..., Any]:
   """Interceptor calling edit(layer, heads (B, T, H, D)) -> heads on o-proj inputs."""
   regex = re.compile(pattern)
 
@@ -95,14 +105,14 @@ def head_hook(pattern: str, num_heads: int,
   return interceptor
 
 
-def last_positions(attention_mask):
+def last_positions(attention_mask: ArrayLike) -> jax.Array:
   """(B, T) 1/0 mask -> (B,) index of each row's last real token (any padding side)."""
   mask = jnp.asarray(attention_mask)
   t = mask.shape[1]
   return (t - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
 
 
-def injection_positions(model, inputs):
+def injection_positions(model: Model, inputs: dict) -> jax.Array:
   """Where to inject: decoder-only, the last real prompt token; T5, decoder step 0."""
   if "injection_position" in inputs:
     return jnp.asarray(inputs["injection_position"], jnp.int32)
@@ -122,8 +132,10 @@ def _model_kwargs(inputs):
 # ----------------------------------------------------------------- capture --
 
 
-def capture(model, params, inputs, positions=None, *, pattern=None,
-            num_heads=None, method=None):
+def capture(model: Model, params: dict, inputs: dict,
+            positions: Optional[jax.Array] = None, *,
+            pattern: Optional[str] = None, num_heads: Optional[int] = None,
+            method: Optional[Callable[..., Any]] = None) -> Tuple[jax.Array, jax.Array]:
   """Runs the model; returns (logits, heads (B, L, H, D) at `positions`).
 
   inputs: model keyword args; positions (B,) default `injection_positions`.
@@ -151,8 +163,9 @@ def capture(model, params, inputs, positions=None, *, pattern=None,
   return out, jnp.stack([store[i] for i in range(len(store))], axis=1)
 
 
-def task_embedding(model, params, prompts, *, batch_size=8, pattern=None,
-                   num_heads=None):
+def task_embedding(model: Model, params: dict, prompts: dict, *,
+                   batch_size: int = 8, pattern: Optional[str] = None,
+                   num_heads: Optional[int] = None) -> jax.Array:
   """Mean head output at the last prompt position over prompts -> (L, H, D) f32.
 
   prompts: model inputs dict of arrays with leading dim M (e.g. input_ids and
@@ -172,7 +185,8 @@ def task_embedding(model, params, prompts, *, batch_size=8, pattern=None,
 # --------------------------------------------------------------- injection --
 
 
-def inject_edit(embedding, alpha, positions):
+def inject_edit(embedding: jax.Array, alpha: jax.Array,
+                positions: jax.Array) -> HeadEdit:
   """edit(layer, heads) mixing per-row embedding (B,L,H,D) with alpha (B,L,H)
   at positions (B,)."""
 
@@ -187,7 +201,7 @@ def inject_edit(embedding, alpha, positions):
   return edit
 
 
-def select(bank, task_index, batch):
+def select(bank: ArrayLike, task_index: Optional[ArrayLike], batch: int) -> jax.Array:
   """(K, ...) bank or (...) single task -> (B, ...) per row by task_index (B,)."""
   bank = jnp.asarray(bank)
   if task_index is None:
@@ -195,9 +209,13 @@ def select(bank, task_index, batch):
   return jnp.take(bank, jnp.asarray(task_index), axis=0)
 
 
-def apply_injected(model, params, inputs, embedding, alpha, *, task_index=None,
-                   positions=None, pattern=None, num_heads=None, method=None,
-                   cache=None, **apply_kwargs):
+def apply_injected(model: Model, params: dict, inputs: dict,
+                   embedding: ArrayLike, alpha: ArrayLike, *,
+                   task_index: Optional[ArrayLike] = None,
+                   positions: Optional[jax.Array] = None,
+                   pattern: Optional[str] = None, num_heads: Optional[int] = None,
+                   method: Optional[Callable[..., Any]] = None,
+                   cache: Optional[dict] = None, **apply_kwargs: Any) -> Any:
   """model.apply with heads mixed at `positions`.
 
   embedding (L,H,D) or a bank (K,L,H,D); alpha (L,H) or (K,L,H) in [0,1];
@@ -217,14 +235,16 @@ def apply_injected(model, params, inputs, embedding, alpha, *, task_index=None,
                        **apply_kwargs)
 
 
-def alpha_of(alpha_logits):
+def alpha_of(alpha_logits: ArrayLike) -> jax.Array:
   return jax.nn.sigmoid(jnp.asarray(alpha_logits, jnp.float32))
 
 
 # ---------------------------------------------------------- fitting alpha --
 
 
-def first_token_loss(method, model, kind, params, batch, rng):
+def first_token_loss(method: Any, model: Model, kind: str, params: dict,
+                     batch: dict, rng: Optional[jax.Array]
+                     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Fitter loss (trainer.make_train_step's `loss=`): cross-entropy of the
   first target token, predicted at each prompt's last real token.
 
@@ -263,7 +283,8 @@ class SoftInjection:
   """
   trainable = r"soft_injection/alpha_logits"
 
-  def __init__(self, embeddings, pattern=None, alpha_logits=None):
+  def __init__(self, embeddings: ArrayLike, pattern: Optional[str] = None,
+               alpha_logits: Optional[ArrayLike] = None) -> None:
     self.embeddings = np.asarray(embeddings, np.float32)
     if self.embeddings.ndim == 3:
       self.embeddings = self.embeddings[None]
@@ -276,7 +297,7 @@ class SoftInjection:
                              self.embeddings.shape[:3]))
     self.pattern = pattern
 
-  def init(self, rng, model, base_params):
+  def init(self, rng: jax.Array, model: Model, base_params: dict) -> dict:
     del rng, model, base_params
     names = ("adapters", "layers", "heads")  # 'adapters': replicated
     return {"soft_injection": {
@@ -285,7 +306,9 @@ class SoftInjection:
         "embedding": nn.LogicallyPartitioned(
             jnp.asarray(self.embeddings), names + ("kv",))}}
 
-  def apply(self, model, params, inputs, *, rng=None, deterministic=True):
+  def apply(self, model: Model, params: dict, inputs: dict, *,
+            rng: Optional[jax.Array] = None,
+            deterministic: bool = True) -> jax.Array:
     del rng, deterministic  # the base model runs frozen and deterministic
     tree = params["soft_injection"]
     inputs = dict(inputs)
@@ -299,8 +322,9 @@ class SoftInjection:
 
 
 @transform.METHODS.register("soft_injection")
-def build(library: str = "", tasks: tuple = (), embeddings=None,
-          pattern: str = None) -> SoftInjection:
+def build(library: str = "", tasks: tuple = (),
+          embeddings: Optional[ArrayLike] = None,
+          pattern: Optional[str] = None) -> SoftInjection:
   """SoftInjection from config options: `library` (a folder written by `save`)
   and `tasks` (their order defines adapter_index), or `embeddings`
   (K, L, H, D); optional `pattern`. Stored alpha logits initialise the
@@ -322,8 +346,11 @@ def build(library: str = "", tasks: tuple = (), embeddings=None,
 # ------------------------------------------------------------ generation --
 
 
-def greedy_with_prefill(model, params, input_ids, attention_mask, extra,
-                        prefill, max_new_tokens, eos_ids=None, pad_id=0):
+def greedy_with_prefill(model: Model, params: dict, input_ids: jax.Array,
+                        attention_mask: jax.Array, extra: Any,
+                        prefill: PrefillFn, max_new_tokens: int,
+                        eos_ids: decoding.EosIds = None,
+                        pad_id: int = 0) -> jax.Array:
   """Greedy decoding (decoder-only) whose prefill call is `prefill`.
 
   prefill(model, params, input_ids, attention_mask, extra, max_new_tokens)
@@ -352,16 +379,19 @@ def _greedy_with_prefill(model, params, input_ids, attention_mask, extra,
       pad_id=pad_id)
 
 
-def plain_prefill(model, params, input_ids, attention_mask, extra,
-                  max_new_tokens):
+def plain_prefill(model: Model, params: dict, input_ids: jax.Array,
+                  attention_mask: jax.Array, extra: Any,
+                  max_new_tokens: int) -> Tuple[jax.Array, dict]:
   """Zero-shot / ICL prefill: the unchanged model."""
   del extra
   return decoder.prefill(model, params, input_ids, attention_mask,
                          max_new_tokens)
 
 
-def injected_prefill(model, params, input_ids, attention_mask, extra,
-                     max_new_tokens):
+def injected_prefill(model: Model, params: dict, input_ids: jax.Array,
+                     attention_mask: jax.Array,
+                     extra: Tuple[jax.Array, jax.Array, Optional[jax.Array]],
+                     max_new_tokens: int) -> Tuple[jax.Array, dict]:
   """Prefill with the injection at the last (left-padded) prompt column.
 
   extra = (embedding, alpha, task_index or None); the edited head outputs
@@ -400,8 +430,11 @@ def _left_padded(model, input_ids, attention_mask):
   return input_ids, attention_mask
 
 
-def generate(model, params, input_ids, attention_mask, embedding, alpha,
-             max_new_tokens=16, *, task_index=None, eos_id=None):
+def generate(model: Model, params: dict, input_ids: ArrayLike,
+             attention_mask: Optional[ArrayLike], embedding: ArrayLike,
+             alpha: ArrayLike, max_new_tokens: int = 16, *,
+             task_index: Optional[ArrayLike] = None,
+             eos_id: decoding.EosIds = None) -> jax.Array:
   """Greedy continuations (B, max_new_tokens) int32 with the KV cache.
 
   Decoder-only, left-padded prompts. The injection happens once, in the
@@ -420,8 +453,9 @@ def generate(model, params, input_ids, attention_mask, embedding, alpha,
                              pad_id)
 
 
-def generate_plain(model, params, input_ids, attention_mask, max_new_tokens=16,
-                   *, eos_id=None):
+def generate_plain(model: Model, params: dict, input_ids: ArrayLike,
+                   attention_mask: Optional[ArrayLike], max_new_tokens: int = 16,
+                   *, eos_id: decoding.EosIds = None) -> jax.Array:
   """Zero-shot/ICL greedy generation on the same loop as `generate`."""
   input_ids, attention_mask = _left_padded(model, input_ids, attention_mask)
   eos_ids, pad_id = _eos_pad(model, eos_id)
@@ -429,8 +463,11 @@ def generate_plain(model, params, input_ids, attention_mask, max_new_tokens=16,
                              plain_prefill, int(max_new_tokens), eos_ids, pad_id)
 
 
-def generate_uncached(model, params, input_ids, attention_mask, embedding,
-                      alpha, max_new_tokens, *, task_index=None, pattern=None):
+def generate_uncached(model: Model, params: dict, input_ids: ArrayLike,
+                      attention_mask: ArrayLike, embedding: ArrayLike,
+                      alpha: ArrayLike, max_new_tokens: int, *,
+                      task_index: Optional[ArrayLike] = None,
+                      pattern: Optional[str] = None) -> jax.Array:
   """Greedy decoding recomputing the full forward each step (decoder-only).
 
   Injection stays at the original last prompt position. Returns
@@ -454,7 +491,8 @@ def generate_uncached(model, params, input_ids, attention_mask, embedding,
 # --------------------------------------------------------------- storage --
 
 
-def save(directory, task, embedding, alpha_logits=None, **meta):
+def save(directory: str, task: str, embedding: ArrayLike,
+         alpha_logits: Optional[ArrayLike] = None, **meta: Any) -> str:
   """Writes <directory>/<task>/soft_injection.{safetensors,json}."""
   path = os.path.join(directory, task)
   os.makedirs(path, exist_ok=True)
@@ -469,7 +507,7 @@ def save(directory, task, embedding, alpha_logits=None, **meta):
   return path
 
 
-def load(directory, task):
+def load(directory: str, task: str) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
   """-> (embedding (L,H,D), alpha_logits (L,H) or None, meta dict)."""
   path = os.path.join(directory, task)
   file = os.path.join(path, "soft_injection.safetensors")

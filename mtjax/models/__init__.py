@@ -14,17 +14,25 @@ The contract every model follows (so methods and the trainer stay generic):
 Parameters carry logical axis names (see sharding.py); every linear map is a
 layers.Linear whose path mirrors Hugging Face's module names.
 """
+from typing import Any, Optional
+
+import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from mtjax.models import decoding, hf, sharding  # noqa: F401
+
+Model = Any  # a flax linen module (decoder.Model or t5.T5)
 
 
 def _arch(model):
   return hf.arch_module(model.config.model_type)
 
 
-def logits(model, params, input_ids, attention_mask=None,
-           decoder_input_ids=None, decoder_attention_mask=None):
+def logits(model: Model, params: dict, input_ids: ArrayLike,
+           attention_mask: Optional[ArrayLike] = None,
+           decoder_input_ids: Optional[ArrayLike] = None,
+           decoder_attention_mask: Optional[ArrayLike] = None) -> jax.Array:
   """Logits (batch, length, vocab) f32 for any loaded model; HF argument names."""
   if decoder_input_ids is not None and not model.config.is_encoder_decoder:
     raise ValueError(f"{model.config.model_type} is decoder-only: "
@@ -40,8 +48,10 @@ def logits(model, params, input_ids, attention_mask=None,
   return model.apply({"params": params}, np.asarray(input_ids), **kwargs)
 
 
-def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
-             temperature=0.0, rng=None, eos_id=None):
+def generate(model: Model, params: dict, input_ids: ArrayLike,
+             attention_mask: Optional[ArrayLike] = None, max_new_tokens: int = 16,
+             temperature: float = 0.0, rng: Optional[jax.Array] = None,
+             eos_id: decoding.EosIds = None) -> jax.Array:
   """Greedy (temperature 0) or sampled continuation ids (batch, max_new_tokens)."""
   return _arch(model).generate(model, params, input_ids, attention_mask,
                                max_new_tokens, temperature=temperature,

@@ -26,12 +26,13 @@ Incremental decoding keeps keys/values in the 'cache' collection (`decode=True`)
 import dataclasses
 import functools
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from mtjax.models import decoding, layers
 
@@ -75,7 +76,7 @@ class DecoderConfig:
   eos_token_id: Optional[Union[int, Tuple[int, ...]]] = None
   dtype: str = "float32"  # compute dtype; parameters are always f32
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.model_type not in ARCHS:
       raise ValueError(f"model_type {self.model_type!r} is not one of {ARCHS}")
     if self.num_key_value_heads is None:
@@ -95,11 +96,11 @@ class DecoderConfig:
     layers.dtype_of(self.dtype)  # validates
 
   @property
-  def is_encoder_decoder(self):
+  def is_encoder_decoder(self) -> bool:
     return False
 
   @property
-  def is_bloom(self):
+  def is_bloom(self) -> bool:
     return self.model_type == "bloom"
 
 
@@ -107,7 +108,9 @@ class DecoderConfig:
 # Positions, masks, rotary and ALiBi.
 
 
-def default_positions(attention_mask, segment_ids=None, offset=None):
+def default_positions(attention_mask: jax.Array,
+                      segment_ids: Optional[jax.Array] = None,
+                      offset: Optional[jax.Array] = None) -> jax.Array:
   """HF's positions: cumsum(mask) - 1 clipped at 0 (restarting per segment).
 
   attention_mask, segment_ids: (B,T); offset: (B,) first position (decoding).
@@ -128,7 +131,7 @@ def default_positions(attention_mask, segment_ids=None, offset=None):
   return jnp.maximum(pos, 0).astype(jnp.int32)
 
 
-def apply_rope(x, positions, theta):
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """HF rotate_half rotary embedding. x: (B,T,N,D); positions: (B,T)."""
   d = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
@@ -140,7 +143,7 @@ def apply_rope(x, positions, theta):
   return x * cos + rotated * sin
 
 
-def alibi_slopes(num_heads):
+def alibi_slopes(num_heads: int) -> np.ndarray:
   """HF BLOOM's ALiBi slopes (H,), including non-power-of-2 head counts."""
   closest = 2 ** math.floor(math.log2(num_heads))
   base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
@@ -152,8 +155,11 @@ def alibi_slopes(num_heads):
   return np.asarray(slopes, np.float32)
 
 
-def attention_mask_4d(q_slots, k_slots, key_valid, q_segments=None,
-                      k_segments=None, sliding_window=None):
+def attention_mask_4d(q_slots: jax.Array, k_slots: jax.Array,
+                      key_valid: jax.Array,
+                      q_segments: Optional[jax.Array] = None,
+                      k_segments: Optional[jax.Array] = None,
+                      sliding_window: Optional[int] = None) -> jax.Array:
   """Boolean (B,1,T,S): causal over slots, valid keys, same segment, window."""
   mask = (k_slots[None, :] <= q_slots[:, None])[None, None]
   mask = mask & key_valid[:, None, None, :].astype(bool)
@@ -164,7 +170,10 @@ def attention_mask_4d(q_slots, k_slots, key_valid, q_segments=None,
   return mask
 
 
-def dot_attention(q, k, v, mask, bias=None, dropout=None):
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  bias: Optional[jax.Array] = None,
+                  dropout: Optional[Callable[[jax.Array], jax.Array]] = None
+                  ) -> jax.Array:
   """Grouped-query attention. q (B,T,H,D), k/v (B,S,K,D), mask (B,1,T,S).
 
   bias: optional (B,H,1,S) (ALiBi). Returns (B,T,H*D) head-major, H = K*G with
@@ -195,7 +204,7 @@ class Attention(nn.Module):
   """Self-attention with HF names (q/k/v/o_proj, or BLOOM's fused QKV + dense)."""
   config: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dt = layers.dtype_of(c.dtype)
     nq, nk = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -219,7 +228,10 @@ class Attention(nn.Module):
     cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
     return ck.value, cv.value
 
-  def __call__(self, x, positions, mask, bias, cache_start, deterministic):
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               bias: Optional[jax.Array],
+               cache_start: Optional[Union[int, jax.Array]],
+               deterministic: bool) -> jax.Array:
     c = self.config
     b, t, _ = x.shape
     hd = c.head_dim
@@ -247,7 +259,7 @@ class MLP(nn.Module):
   """Gated MLP (SwiGLU/GeGLU: gate/up/down_proj) or BLOOM's dense_h_to_4h/4h_to_h."""
   config: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dt = layers.dtype_of(c.dtype)
     if c.is_bloom:
@@ -262,7 +274,7 @@ class MLP(nn.Module):
       self.down_proj = layers.Linear(c.hidden_size, ("mlp", "embed"),
                                      c.mlp_bias, dt)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     act = ACTIVATIONS[self.config.hidden_act]
     names = ("batch", "length", "act_mlp")
     if self.config.is_bloom:
@@ -275,7 +287,7 @@ class Block(nn.Module):
   """Pre-norm transformer layer (HF names for norms, attention and MLP)."""
   config: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dt = layers.dtype_of(c.dtype)
     if c.is_bloom:
@@ -290,7 +302,10 @@ class Block(nn.Module):
     self.mlp = MLP(c)
     self.dropout = nn.Dropout(c.hidden_dropout)
 
-  def __call__(self, x, positions, mask, bias, cache_start, deterministic):
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               bias: Optional[jax.Array],
+               cache_start: Optional[Union[int, jax.Array]],
+               deterministic: bool) -> jax.Array:
     c = self.config
     attn = self.self_attention if c.is_bloom else self.self_attn
     post_ln = c.apply_residual_connection_post_layernorm
@@ -307,7 +322,7 @@ class Body(nn.Module):
   """HF's LlamaModel / BloomModel: embeddings, layers, final norm -> hidden."""
   config: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     dt = layers.dtype_of(c.dtype)
     embed = layers.Embed(c.vocab_size, c.hidden_size, dt,
@@ -324,7 +339,7 @@ class Body(nn.Module):
       self.norm = layers.RMSNorm(c.norm_eps, dt,
                                  offset=1.0 if c.model_type == "gemma" else 0.0)
 
-  def attend(self, x):
+  def attend(self, x: jax.Array) -> jax.Array:
     """Tied output logits (B,T,V) in the compute dtype."""
     return (self.word_embeddings if self.config.is_bloom
             else self.embed_tokens).attend(x)
@@ -357,8 +372,9 @@ class Body(nn.Module):
     nxt.value = positions[:, -1] + 1
     return True, start, valid.value, positions, kpos.value
 
-  def __call__(self, input_ids, attention_mask, positions, segment_ids,
-               deterministic, decode):
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               positions: Optional[jax.Array], segment_ids: Optional[jax.Array],
+               deterministic: bool, decode: bool) -> jax.Array:
     c = self.config
     t = input_ids.shape[1]
     cache_start = None
@@ -395,7 +411,7 @@ class Model(nn.Module):
   """Causal LM: HF's *ForCausalLM. Returns f32 logits (B,T,V)."""
   config: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     if c.is_bloom:
       self.transformer = Body(c)
@@ -405,8 +421,11 @@ class Model(nn.Module):
         self.lm_head = layers.Linear(c.vocab_size, ("embed", "vocab"), False,
                                      layers.dtype_of(c.dtype))
 
-  def __call__(self, input_ids, attention_mask=None, positions=None,
-               segment_ids=None, deterministic=True, decode=False):
+  def __call__(self, input_ids: ArrayLike,
+               attention_mask: Optional[ArrayLike] = None,
+               positions: Optional[ArrayLike] = None,
+               segment_ids: Optional[ArrayLike] = None,
+               deterministic: bool = True, decode: bool = False) -> jax.Array:
     """input_ids (B,T); attention_mask (B,T) 1=token 0=pad; positions (B,T);
     segment_ids (B,T) packed-segment ids (attention stays within a segment,
     0 marks padding when attention_mask is None). decode=True reads/writes the
@@ -436,7 +455,8 @@ class Model(nn.Module):
 # Generation.
 
 
-def init_cache(model, params, batch_size, max_length):
+def init_cache(model: Model, params: dict, batch_size: int,
+               max_length: int) -> dict:
   """Zero 'cache' collection for `batch_size` rows of up to `max_length` tokens."""
   ids = jnp.zeros((batch_size, max_length), jnp.int32)
   shapes = jax.eval_shape(lambda p: model.apply(
@@ -444,7 +464,9 @@ def init_cache(model, params, batch_size, max_length):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def prefill(model, params, input_ids, attention_mask, max_new_tokens):
+def prefill(model: Model, params: dict, input_ids: jax.Array,
+            attention_mask: jax.Array,
+            max_new_tokens: int) -> Tuple[jax.Array, dict]:
   """Cached prefill of left-padded prompts -> (last logits (B, V), cache).
 
   The cache holds the prompt and room for `max_new_tokens` more tokens.
@@ -456,7 +478,7 @@ def prefill(model, params, input_ids, attention_mask, max_new_tokens):
   return logits[:, -1], mut["cache"]
 
 
-def decode_step(model, params):
+def decode_step(model: Model, params: dict) -> decoding.Step:
   """step(cache, tokens (B,)) -> (logits (B, V), cache) for decoding.decode."""
 
   def step(cache, tokens):
@@ -479,8 +501,10 @@ def _generate(model, params, input_ids, attention_mask, rng, temperature,
       pad_id=pad_id)
 
 
-def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
-             temperature=0.0, rng=None, eos_id=None):
+def generate(model: Model, params: dict, input_ids: ArrayLike,
+             attention_mask: Optional[ArrayLike] = None, max_new_tokens: int = 16,
+             temperature: float = 0.0, rng: Optional[jax.Array] = None,
+             eos_id: decoding.EosIds = None) -> jax.Array:
   """Continuations (B, max_new_tokens) int32 of left-padded prompts.
 
   Greedy when temperature == 0, else samples from softmax(logits / T) with
@@ -530,7 +554,7 @@ def _rope_theta(d):
   return float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
 
 
-def config_from_hf(d, dtype="float32"):
+def config_from_hf(d: dict, dtype: str = "float32") -> DecoderConfig:
   """HF config.json dict -> DecoderConfig (compute dtype `dtype`)."""
   mt = d.get("model_type")
   common = dict(model_type=mt, vocab_size=d["vocab_size"],
@@ -577,7 +601,7 @@ def config_from_hf(d, dtype="float32"):
       attention_dropout=d.get("attention_dropout", 0.0))
 
 
-def config_to_hf(cfg):
+def config_to_hf(cfg: DecoderConfig) -> dict:
   """DecoderConfig -> config.json dict that transformers loads."""
   common = dict(model_type=cfg.model_type,
                 architectures=[_HF_CLASS[cfg.model_type]],
@@ -616,7 +640,7 @@ def config_to_hf(cfg):
   return out
 
 
-def hf_key(path, cfg):
+def hf_key(path: Tuple[str, ...], cfg: DecoderConfig) -> str:
   """Param path -> HF tensor name; module paths already mirror HF's names."""
   del cfg
   return layers.default_hf_key(path)

@@ -32,12 +32,13 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from mtjax.models import decoding, layers
 
@@ -78,7 +79,7 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: str = "float32"
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.num_decoder_layers is None:
       object.__setattr__(self, "num_decoder_layers", self.num_layers)
     if self.model_type not in MODEL_TYPES:
@@ -93,15 +94,15 @@ class T5Config:
     layers.dtype_of(self.dtype)
 
   @property
-  def is_encoder_decoder(self):
+  def is_encoder_decoder(self) -> bool:
     return True
 
   @property
-  def is_gated(self):
+  def is_gated(self) -> bool:
     return self.feed_forward_proj.startswith("gated-")
 
   @property
-  def activation(self):
+  def activation(self) -> Callable[[jax.Array], jax.Array]:
     name = self.feed_forward_proj.removeprefix("gated-")
     if self.feed_forward_proj == "gated-gelu":
       name = "gelu_new"
@@ -113,8 +114,8 @@ class T5Config:
     return ACTIVATIONS[name]
 
 
-def relative_position_bucket(relative_position, bidirectional, num_buckets,
-                             max_distance):
+def relative_position_bucket(relative_position: ArrayLike, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
   """Bucket of (key position - query position), exactly as Mesh TF / HF.
 
   Half the buckets are exact small distances, the rest log-spaced up to
@@ -138,8 +139,10 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets,
   return buckets + jnp.where(is_small, rel, large)
 
 
-def make_mask(q_index, k_index, causal, q_segments=None, k_segments=None,
-                   k_valid=None):
+def make_mask(q_index: jax.Array, k_index: jax.Array, causal: bool,
+              q_segments: Optional[ArrayLike] = None,
+              k_segments: Optional[ArrayLike] = None,
+              k_valid: Optional[jax.Array] = None) -> jax.Array:
   """Boolean (B|1, 1, Q, K) mask: True where query may attend to key.
 
   q_index (Q,), k_index (K,): token indices (causality); q_segments (B, Q),
@@ -171,8 +174,10 @@ class Attention(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x, kv, mask, bias, q_pos, k_pos, deterministic=True,
-               decode=False):
+  def __call__(self, x: jax.Array, kv: jax.Array, mask: Optional[jax.Array],
+               bias: Optional[jax.Array], q_pos: Optional[jax.Array],
+               k_pos: Optional[jax.Array], deterministic: bool = True,
+               decode: bool = False) -> Tuple[jax.Array, Optional[jax.Array]]:
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
     heads, d_kv, inner = cfg.num_heads, cfg.d_kv, cfg.num_heads * cfg.d_kv
@@ -254,7 +259,7 @@ class DenseReluDense(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
     wi = functools.partial(layers.Linear, cfg.d_ff, ("embed", "mlp"),
@@ -284,8 +289,10 @@ class AttentionLayer(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x, kv, mask, bias, q_pos, k_pos, deterministic=True,
-               decode=False):
+  def __call__(self, x: jax.Array, kv: Optional[jax.Array], mask: Optional[jax.Array],
+               bias: Optional[jax.Array], q_pos: Optional[jax.Array],
+               k_pos: Optional[jax.Array], deterministic: bool = True,
+               decode: bool = False) -> Tuple[jax.Array, Optional[jax.Array]]:
     h = _norm(self.config)(x)
     attn = Attention(self.config, causal=self.causal,
                      has_relative_bias=self.has_relative_bias, cross=self.cross,
@@ -301,7 +308,7 @@ class FeedForwardLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     h = _norm(self.config)(x)
     h = DenseReluDense(self.config, name="DenseReluDense")(h, deterministic)
     h = nn.Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
@@ -315,8 +322,11 @@ class Block(nn.Module):
   has_relative_bias: bool = False
 
   @nn.compact
-  def __call__(self, x, self_mask, bias, positions, encoded=None,
-               cross_mask=None, deterministic=True, decode=False):
+  def __call__(self, x: jax.Array, self_mask: Optional[jax.Array],
+               bias: Optional[jax.Array], positions: jax.Array,
+               encoded: Optional[jax.Array] = None,
+               cross_mask: Optional[jax.Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Tuple[jax.Array, Optional[jax.Array]]:
     cfg = self.config
     act = ("batch", "length", "act_embed")
     x, bias = AttentionLayer(
@@ -343,8 +353,10 @@ class Stack(nn.Module):
   is_decoder: bool = False
 
   @nn.compact
-  def __call__(self, x, self_mask, positions, encoded=None, cross_mask=None,
-               deterministic=True, decode=False):
+  def __call__(self, x: jax.Array, self_mask: Optional[jax.Array],
+               positions: jax.Array, encoded: Optional[jax.Array] = None,
+               cross_mask: Optional[jax.Array] = None, deterministic: bool = True,
+               decode: bool = False) -> jax.Array:
     cfg = self.config
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = layers.constrain(x, ("batch", "length", "act_embed"))
@@ -377,7 +389,7 @@ class T5(nn.Module):
   """T5ForConditionalGeneration. Logits are f32 (B, T_decoder, vocab)."""
   config: T5Config
 
-  def setup(self):
+  def setup(self) -> None:
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
     self.shared = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
@@ -388,8 +400,11 @@ class T5(nn.Module):
       self.lm_head = layers.Linear(cfg.vocab_size, ("embed", "vocab"),
                                    dtype=dtype, kernel_init=_kernel_init(1.0))
 
-  def encode(self, input_ids, attention_mask=None, segment_ids=None,
-             positions=None, deterministic=True):
+  def encode(self, input_ids: ArrayLike,
+             attention_mask: Optional[ArrayLike] = None,
+             segment_ids: Optional[ArrayLike] = None,
+             positions: Optional[ArrayLike] = None,
+             deterministic: bool = True) -> jax.Array:
     """input_ids (B, S) -> encoder output (B, S, d_model) in compute dtype."""
     _check_ids("input_ids", input_ids)
     index = jnp.arange(input_ids.shape[1])
@@ -400,10 +415,13 @@ class T5(nn.Module):
     return self.encoder(self.shared(input_ids), mask, positions,
                         deterministic=deterministic)
 
-  def decode(self, decoder_input_ids, encoded, attention_mask=None,
-             decoder_attention_mask=None, encoder_segment_ids=None,
-             decoder_segment_ids=None, decoder_positions=None,
-             deterministic=True, decode=False):
+  def decode(self, decoder_input_ids: ArrayLike, encoded: jax.Array,
+             attention_mask: Optional[ArrayLike] = None,
+             decoder_attention_mask: Optional[ArrayLike] = None,
+             encoder_segment_ids: Optional[ArrayLike] = None,
+             decoder_segment_ids: Optional[ArrayLike] = None,
+             decoder_positions: Optional[ArrayLike] = None,
+             deterministic: bool = True, decode: bool = False) -> jax.Array:
     """decoder_input_ids (B, T), encoded (B, S, E) -> f32 logits (B, T, V).
 
     attention_mask is the encoder's (B, S) padding mask. decode=True uses and
@@ -428,7 +446,7 @@ class T5(nn.Module):
                      decode=decode)
     return self.logits_from_hidden(h)
 
-  def logits_from_hidden(self, h):
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """Final decoder hidden (B, T, E) -> f32 logits (B, T, V)."""
     if self.config.tie_word_embeddings:
       logits = self.shared.attend(h * self.config.d_model ** -0.5)
@@ -437,10 +455,15 @@ class T5(nn.Module):
     logits = layers.constrain(logits, ("batch", "length", "act_vocab"))
     return logits.astype(jnp.float32)
 
-  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None, encoder_segment_ids=None,
-               decoder_segment_ids=None, encoder_positions=None,
-               decoder_positions=None, deterministic=True):
+  def __call__(self, input_ids: ArrayLike,
+               attention_mask: Optional[ArrayLike] = None,
+               decoder_input_ids: Optional[ArrayLike] = None,
+               decoder_attention_mask: Optional[ArrayLike] = None,
+               encoder_segment_ids: Optional[ArrayLike] = None,
+               decoder_segment_ids: Optional[ArrayLike] = None,
+               encoder_positions: Optional[ArrayLike] = None,
+               decoder_positions: Optional[ArrayLike] = None,
+               deterministic: bool = True) -> jax.Array:
     if decoder_input_ids is None:
       raise ValueError(
           "T5 needs decoder_input_ids: the targets shifted right, starting "
@@ -458,7 +481,8 @@ Model = T5
 # ------------------------------------------------------------------ generation
 
 
-def init_cache(model, params, encoded, attention_mask, max_length):
+def init_cache(model: T5, params: dict, encoded: jax.Array,
+               attention_mask: jax.Array, max_length: int) -> dict:
   """'cache' collection for decoding up to `max_length` tokens.
 
   One full-length decoder pass (output unused) creates zero self-attention
@@ -473,7 +497,8 @@ def init_cache(model, params, encoded, attention_mask, max_length):
   return variables["cache"]
 
 
-def decode_step(model, params, encoded, attention_mask):
+def decode_step(model: T5, params: dict, encoded: jax.Array,
+                attention_mask: jax.Array) -> decoding.Step:
   """step(cache, tokens (B,)) -> (logits (B, V), cache) for decoding.decode."""
 
   def step(cache, tokens):
@@ -485,8 +510,10 @@ def decode_step(model, params, encoded, attention_mask):
   return step
 
 
-def generate(model, params, input_ids, attention_mask=None, max_new_tokens=16,
-             temperature=0.0, rng=None, eos_id=None):
+def generate(model: T5, params: dict, input_ids: ArrayLike,
+             attention_mask: Optional[ArrayLike] = None, max_new_tokens: int = 16,
+             temperature: float = 0.0, rng: Optional[jax.Array] = None,
+             eos_id: Optional[int] = None) -> jax.Array:
   """Greedy (temperature 0) or sampled decoding -> (B, max_new_tokens) int32.
 
   Starts from decoder_start_token_id like HF; after a row emits `eos_id`
@@ -541,7 +568,7 @@ def _generate_fn(model, max_new_tokens, greedy):
 # ------------------------------------------------------------- HF conversion
 
 
-def config_from_hf(d, dtype="float32"):
+def config_from_hf(d: dict, dtype: str = "float32") -> T5Config:
   """HF config.json dict (T5Config / MT5Config) -> T5Config.
 
   transformers 5 always ties lm_head to `shared` unless the checkpoint holds a
@@ -586,7 +613,7 @@ def config_from_hf(d, dtype="float32"):
       decoder_start_token_id=pad if start is None else start, dtype=dtype)
 
 
-def config_to_hf(cfg):
+def config_to_hf(cfg: T5Config) -> dict:
   """T5Config -> dict that transformers' T5Config / MT5Config accepts."""
   mt5 = cfg.model_type == "mt5"
   act = cfg.feed_forward_proj.removeprefix("gated-")
@@ -617,9 +644,10 @@ def config_to_hf(cfg):
   return d
 
 
-def hf_key(path, config):  # pylint: disable=unused-argument
+def hf_key(path: Tuple[str, ...], config: T5Config) -> str:
   """('encoder', 'block_0', 'layer_1', 'DenseReluDense', 'wi_0', 'kernel')
   -> 'encoder.block.0.layer.1.DenseReluDense.wi_0.weight'."""
+  del config
   parts = [re.sub(r"^(block|layer)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
   if path[-1] not in leaf:
@@ -638,7 +666,8 @@ def _shared(tensors):
   raise KeyError(f"checkpoint has none of {_EMBED_KEYS} (the token embedding)")
 
 
-def param_from_hf(keys, hf_name, tensors, config):
+def param_from_hf(keys: Tuple[str, ...], hf_name: str, tensors: dict,
+                  config: T5Config) -> np.ndarray:
   """One parameter from an HF state dict (kernels transposed to (in, out))."""
   if keys == ("shared", "embedding"):
     shared = _shared(tensors)
