@@ -17,7 +17,8 @@ from mtjax.routing import experts as ex
 from mtjax.routing import routed
 from mtjax.routing.routed import ROUTERS
 
-HELD_IN = ("copy", "parity")
+# Rank-classification tasks only: no greedy decoder to compile (test time).
+HELD_IN = ("sentiment", "parity")
 
 
 @ROUTERS.register("test_first_expert")
@@ -72,7 +73,7 @@ def _config():
   c.methods = (dict(name="toy_router", kind="test_first_expert", top_k=1),
                dict(name="toy_method", kind="test_output_bias",
                     targets=(r".*DenseReluDense/wo",), steps=10, lr=1e-2),
-               dict(name="expert0", kind="oracle"))
+               dict(name="base"))
   return c
 
 
@@ -81,7 +82,7 @@ def test_registered_router_and_method_run_in_the_phatgoose_experiment(
   config = _config()
   out = main.run_job(config, str(tmp_path / "run"))
   tasks = list(HELD_IN) + ["is_palindrome"]
-  assert set(out["results"]) == {"toy_router", "toy_method", "expert0"}
+  assert set(out["results"]) == {"toy_router", "toy_method", "base"}
   for row in out["results"].values():
     assert sorted(row) == sorted(tasks)
   saved = json.loads((tmp_path / "run" / "phatgoose_results.json").read_text())
@@ -98,8 +99,6 @@ def test_registered_router_and_method_run_in_the_phatgoose_experiment(
                                   weights=rb.one_hot(0, len(HELD_IN)))
     want = pg.evaluate_method(run, "fixed0", fixed, lambda t: params, tasks)
   assert out["results"]["toy_router"] == want
-  # The oracle on held-in task 0 is expert 0 as well.
-  assert out["results"]["expert0"]["copy"] == want["copy"]
 
 
 def test_registered_method_trains_only_its_own_leaves():
