@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "tensorboard>=2.20",
     "safetensors==0.8.0",
+    "gguf==0.19.0",
     "sentencepiece==0.2.3",
     "tokenizers==0.23.3",
     "jinja2>=3.1",

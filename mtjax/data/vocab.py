@@ -1,23 +1,38 @@
-"""Vocabularies as seqio.Vocabulary: bytes, SentencePiece, HF `tokenizers`.
+"""Vocabularies as seqio.Vocabulary: bytes, SentencePiece, HF `tokenizers`, GGUF.
 
-Spec strings: 'byte' | 'spm:/path/model.model' | 'hf:/path/tokenizer.json'.
-seqio pads with id 0 and derives loss weights from `token != 0`, so every
-vocabulary here keeps id 0 for padding (the HF wrapper checks it).
+Spec strings: 'byte' | 'spm:/path/model.model' | 'hf:/path/tokenizer.json' |
+'gguf:/path/model.gguf' (the tokenizer in a GGUF file's metadata).
+
+Padding. seqio pads with id 0 and derives masks and loss weights from
+`token != 0`. The byte and SentencePiece vocabularies keep id 0 for padding.
+Real LM vocabularies (SmolLM2, Llama-3, Qwen2) use id 0 for an ordinary or
+special token, so for them (`shifts_ids(vocab)`) the data pipeline runs seqio
+on ids + 1 and shifts back when it emits a batch, with explicit masks; the
+pad id written into model inputs is `pad_token_id(vocab)` and never decides
+what is a token.
+
+Formatting. HF and GGUF vocabularies are `lm_format`: tasks are joined as a
+decoder-only LM saw text in pretraining (no EOS after the prompt, the
+answer's leading space kept with the answer, BOS first when the tokenizer
+adds one, EOS after the target for training only).
 """
 import hashlib
+import json
 import os
 import pathlib
 import tempfile
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import jinja2
+import jinja2.sandbox
 import numpy as np
 import sentencepiece as spm
 import seqio
 import tensorflow as tf
 import tokenizers
+from tokenizers import decoders, pre_tokenizers
 
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|im_end|>", "[SEP]")
-
 
 class HFTokenizerVocabulary(seqio.Vocabulary):
   """A Hugging Face `tokenizers` tokenizer.json as a seqio.Vocabulary.
@@ -26,20 +41,30 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
   inside tf.data pipelines (on the host, like every seqio preprocessor).
   """
 
-  def __init__(self, path: str, eos_token: Optional[str] = None):
-    self._path = str(path)
-    if not os.path.exists(self._path):
-      raise FileNotFoundError(f"HF tokenizer file {self._path} does not exist; "
-                              "pass 'hf:/path/to/tokenizer.json'")
-    self._tok = tokenizers.Tokenizer.from_file(self._path)
-    special = {t.content for t in self._tok.get_added_tokens_decoder().values()
-               if t.special}
-    zero = self._tok.id_to_token(0)
-    if zero not in special:
-      raise ValueError(
-          f"{self._path}: id 0 is the ordinary token {zero!r}, but seqio pads "
-          "with id 0 and masks the loss where token == 0. Use a tokenizer whose "
-          "id 0 is a special token (e.g. '<pad>' or '<unk>').")
+  def __init__(self, path: Optional[str] = None,
+               eos_token: Optional[str] = None,
+               tokenizer: Optional[tokenizers.Tokenizer] = None,
+               add_bos: Optional[bool] = None,
+               chat_template: Optional[str] = None,
+               pad_token: Optional[str] = None,
+               source: Optional[str] = None):
+    """path: a tokenizer.json; or `tokenizer` (built e.g. from a GGUF file)
+    with `source` naming where it came from. add_bos: whether the model's
+    tokenizer puts BOS first (None: read it from the tokenizer's post
+    processor). chat_template: jinja2 source of an instruct model's template.
+    """
+    if tokenizer is None:
+      if path is None or not os.path.exists(str(path)):
+        raise FileNotFoundError(f"HF tokenizer file {path} does not exist; "
+                                "pass 'hf:/path/to/tokenizer.json'")
+      tokenizer = tokenizers.Tokenizer.from_file(str(path))
+      source = str(path)
+      cfg = pathlib.Path(path).with_name("tokenizer_config.json")
+      if chat_template is None and cfg.exists():
+        chat_template = _json_field(cfg, "chat_template")
+    self._path = source or "<tokenizer>"
+    self._tok = tokenizer
+    self._digest = hashlib.sha1(tokenizer.to_str().encode()).hexdigest()
     candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
     eos = [self._tok.token_to_id(t) for t in candidates
            if self._tok.token_to_id(t) is not None]
@@ -50,11 +75,60 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     unk = [self._tok.token_to_id(t) for t in ("<unk>", "[UNK]")
            if self._tok.token_to_id(t) is not None]
     self._unk_id = unk[0] if unk else None
+    bos = self._tok.encode("a", add_special_tokens=True).ids
+    plain = self._tok.encode("a", add_special_tokens=False).ids
+    detected = bos[0] if len(bos) > len(plain) else None
+    self._bos_id = detected if add_bos is None or add_bos else None
+    if add_bos and detected is None:
+      for t in ("<s>", "<bos>", "<|begin_of_text|>", "<|im_start|>"):
+        if self._tok.token_to_id(t) is not None:
+          self._bos_id = self._tok.token_to_id(t)
+          break
+    pad = self._tok.token_to_id(pad_token) if pad_token else None
+    self._pad_token_id = self._eos_id if pad is None else pad
+    self.chat_template = chat_template
     super().__init__(extra_ids=0)
 
   @property
   def path(self) -> str:
     return self._path
+
+  @property
+  def tokenizer(self) -> tokenizers.Tokenizer:
+    return self._tok
+
+  @property
+  def digest(self) -> str:
+    """sha1 of the tokenizer's JSON: identifies it in seqio task names."""
+    return self._digest
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    """The id the tokenizer puts first (None: it adds none, like SmolLM2)."""
+    return self._bos_id
+
+  @property
+  def pad_token_id(self) -> int:
+    """The id written into padded slots of model inputs (masks say they are
+    padding; the value only has to be a valid id)."""
+    return self._pad_token_id
+
+  lm_format = True
+
+  def chat(self, user: str) -> str:
+    """`user` as one user turn in the chat template, with the generation
+    prompt (what an instruct model expects before its answer)."""
+    if not self.chat_template:
+      raise ValueError(f"{self._path} has no chat template; use a plain "
+                       "format or an instruct model's tokenizer")
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    bos = (self._tok.id_to_token(self._bos_id) if self._bos_id is not None
+           else "")
+    return env.from_string(self.chat_template).render(
+        messages=[{"role": "user", "content": user}],
+        add_generation_prompt=True, bos_token=bos,
+        eos_token=self._tok.id_to_token(self._eos_id))
 
   @property
   def eos_id(self) -> Optional[int]:
@@ -93,10 +167,127 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
   def __eq__(self, other):
     return (isinstance(other, HFTokenizerVocabulary)
-            and other.path == self.path and other.eos_id == self.eos_id)
+            and other.digest == self.digest and other.eos_id == self.eos_id
+            and other.bos_id == self.bos_id)
 
   def __hash__(self):
-    return hash(("hf", self._path))
+    return hash(("hf", self._digest))
+
+
+def _json_field(path, name):
+  with open(path) as f:
+    return json.load(f).get(name)
+
+
+def lm_format(vocab: seqio.Vocabulary) -> bool:
+  """Whether tasks are formatted for a pretrained decoder-only LM (module doc)."""
+  return bool(getattr(vocab, "lm_format", False))
+
+
+def shifts_ids(vocab: seqio.Vocabulary) -> bool:
+  """Whether the pipeline runs seqio on ids + 1 (id 0 is a real token)."""
+  return isinstance(vocab, HFTokenizerVocabulary)
+
+
+def pad_token_id(vocab: seqio.Vocabulary) -> int:
+  """The id written into padded model-input slots (0 for seqio vocabularies)."""
+  return getattr(vocab, "pad_token_id", 0)
+
+
+# Pre-tokenizer splits of the byte-level BPE vocabularies GGUF files name in
+# tokenizer.ggml.pre (the published regexes of these tokenizers).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
+           "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_GPT2_PRE = ("default", "gpt2", "gpt-2", "smollm", None)
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _byte_alphabet() -> dict[int, str]:
+  """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
+  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD))
+          + list(range(0xAE, 0x100)))
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+def gguf_tokenizer(path: str) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+  """The byte-level BPE tokenizer in a GGUF file's metadata, and its info
+  {bos_token_id, eos_token_id, padding_token_id, add_bos_token, chat_template}.
+
+  Supports tokenizer.ggml.model 'gpt2' (SmolLM2, Llama-3, Qwen2/3); others
+  (sentencepiece 'llama' vocabularies such as Gemma's) raise, naming the
+  model: pass their tokenizer.json as 'hf:/path/tokenizer.json' instead.
+  """
+  import gguf  # noqa: PLC0415 (the GGUF reader is only needed for gguf: specs)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file {path} does not exist")
+  fields = gguf.GGUFReader(path).fields
+  get = lambda k: (fields[k].contents() if k in fields else None)  # noqa: E731
+  kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
+  if kind != "gpt2":
+    raise ValueError(
+        f"{path}: tokenizer.ggml.model {kind!r} is not supported (mtjax builds "
+        "byte-level BPE 'gpt2' tokenizers from GGUF); pass the model's "
+        "tokenizer.json as 'hf:/path/tokenizer.json'")
+  if pre not in _GPT2_PRE and pre not in _SPLITS:
+    raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
+                     f"known: {sorted(p for p in _GPT2_PRE if p)} + "
+                     f"{sorted(_SPLITS)}")
+  alphabet = _byte_alphabet()
+  letters = set(alphabet.values())
+  tokens = get("tokenizer.ggml.tokens")
+  types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  spell = lambda t: (t if set(t) <= letters else  # noqa: E731
+                     "".join(alphabet[b] for b in t.encode("utf-8")))
+  vocab = {spell(t): i for i, t in enumerate(tokens)}
+  merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab, merges, fuse_unk=False, byte_fallback=False))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                        use_regex=pre not in _SPLITS)
+  if pre in _SPLITS:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(
+        tokenizers.Regex(_SPLITS[pre]), behavior="isolated"), byte_level])
+  elif pre == "smollm":  # SmolLM2's tokenizer.json splits digits first
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+  else:
+    tok.pre_tokenizer = byte_level
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([
+      tokenizers.AddedToken(t, normalized=False, special=True)
+      for t, k in zip(tokens, types, strict=True)
+      if k == _CONTROL and set(t) <= letters])
+  tok.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False)
+                  for t, k in zip(tokens, types, strict=True)
+                  if k == _USER_DEFINED])
+  info = {k: get(f"tokenizer.ggml.{k}") for k in (
+      "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token")}
+  info["chat_template"] = get("tokenizer.chat_template")
+  return tok, info
+
+
+def gguf_vocabulary(path: str) -> "HFTokenizerVocabulary":
+  """HFTokenizerVocabulary of the tokenizer inside a GGUF file."""
+  tok, info = gguf_tokenizer(path)
+  name = lambda k: (None if info[k] is None  # noqa: E731
+                    else tok.id_to_token(int(info[k])))
+  return HFTokenizerVocabulary(
+      tokenizer=tok, eos_token=name("eos_token_id"),
+      add_bos=bool(info["add_bos_token"]), pad_token=name("padding_token_id"),
+      chat_template=info["chat_template"], source=path)
 
 
 def from_spec(spec: str) -> seqio.Vocabulary:
@@ -111,8 +302,11 @@ def from_spec(spec: str) -> seqio.Vocabulary:
     return seqio.SentencePieceVocabulary(path)
   if kind == "hf" and path:
     return HFTokenizerVocabulary(path)
+  if kind == "gguf" and path:
+    return gguf_vocabulary(path)
   raise ValueError(f"unknown vocabulary spec {spec!r}; use 'byte', "
-                   "'spm:/path/model.model' or 'hf:/path/tokenizer.json'")
+                   "'spm:/path/model.model', 'hf:/path/tokenizer.json' or "
+                   "'gguf:/path/model.gguf'")
 
 
 def key(vocab: seqio.Vocabulary) -> str:
@@ -123,8 +317,7 @@ def key(vocab: seqio.Vocabulary) -> str:
     digest = hashlib.sha1(vocab.sp_model).hexdigest()[:10]
     return f"spm_{digest}_{vocab.extra_ids}"
   if isinstance(vocab, HFTokenizerVocabulary):
-    digest = hashlib.sha1(pathlib.Path(vocab.path).read_bytes()).hexdigest()
-    return f"hf_{digest[:10]}_{vocab.eos_id}"
+    return f"hf_{vocab.digest[:10]}_{vocab.eos_id}_{vocab.bos_id}"
   raise TypeError(f"unsupported vocabulary {type(vocab).__name__}; build one "
                   "with mtjax.data.vocabulary(spec)")
 
