@@ -25,3 +25,24 @@ def shared_data():
     pytest.skip(f"{SHARED_DATA} is absent: the real evaluation material ships "
                 "beside the checkout in shared/data")
   return SHARED_DATA
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", default=False,
+                   help="also run tests marked slow (the real-model tier: "
+                   "python -m pytest -q --slow -m slow tests)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: real-model checks too long for the default run "
+      "(run with --slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--slow"):
+    return
+  skip = pytest.mark.skip(reason="slow tier: run with --slow (README, Tests)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

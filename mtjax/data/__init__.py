@@ -4,9 +4,12 @@ Everything is a real seqio Task/Mixture in seqio's global registries; this
 package only builds them. Public API:
 
   vocab = vocabulary('byte')                       # or 'spm:/path/m.model',
-                                                   # 'hf:/path/tokenizer.json'
+                                                   # 'hf:/path/tokenizer.json',
+                                                   # 'gguf:/path/model.gguf'
       -> seqio.Vocabulary (ByteVocabulary, SentencePieceVocabulary, or
-         HFTokenizerVocabulary wrapping a Hugging Face `tokenizers` file).
+         HFTokenizerVocabulary wrapping a Hugging Face `tokenizers` tokenizer,
+         from a tokenizer.json or a GGUF file's metadata).
+  pad_token_id(vocab), lm_format(vocab): see "Real LM vocabularies" below.
   train_sentencepiece(texts, model_prefix, vocab_size=256) -> path of .model
 
   reg = register(vocab, data_dir=None)             # idempotent per vocabulary
@@ -85,6 +88,15 @@ openbook_qa, commonsense_qa, hellaswag (promptsource templates) and a
 '<dataset>.plain' choice format (llm-foundry's query/choices) for the
 multiple-choice sets; siqa is plain only (its file keeps 2 of 3 answers).
 Inputs carry EOS (seqio/T5 convention) in batches and eval_examples.
+
+Real LM vocabularies (hf: and gguf: specs; `lm_format(vocab)` is True):
+tasks are joined as the LM saw text in pretraining: BOS first if the
+tokenizer adds one, no EOS after the prompt, the answer's leading space kept
+with the answer (tasks.answer_delimiter), EOS after the target for training.
+Their id 0 is a real token, so decoder batches carry 'decoder_mask' (1 =
+a token of the text; seqio's start slot is not one) and padding holds
+pad_token_id(vocab); eval_examples encodes answer choices as lm-eval does
+(pipeline.lm_choices: no EOS, 'choice_bytes' for acc_norm).
 """
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -96,6 +108,22 @@ from mtjax.data.tasks import Registered, default_data_dir  # noqa: F401
 def vocabulary(spec: str):
   """seqio.Vocabulary from 'byte', 'spm:/path/model' or 'hf:/path/tokenizer.json'."""
   return vocab_lib.from_spec(spec)
+
+
+def pad_token_id(vocab) -> int:
+  """The id written into padded model-input slots (masks carry the truth)."""
+  return vocab_lib.pad_token_id(vocab)
+
+
+def lm_format(vocab) -> bool:
+  """Whether tasks are formatted for a pretrained decoder-only LM."""
+  return vocab_lib.lm_format(vocab)
+
+
+def lm_choices(vocab, context: str, continuations: Sequence[str]
+               ) -> Dict[str, Any]:
+  """lm-eval's encoding of a prompt and answer choices (pipeline.lm_choices)."""
+  return pipeline.lm_choices(vocab, context, list(continuations))
 
 
 def train_sentencepiece(texts: Sequence[str], model_prefix: str,

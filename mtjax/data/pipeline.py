@@ -109,8 +109,12 @@ def resolve(name: str, vocab) -> seqio.DatasetProviderBase:
 class Batches:
   """Iterator of numpy batches; .task_names lists what task_index indexes."""
 
-  def __init__(self, dataset: tf.data.Dataset, task_names: List[str]):
+  def __init__(self, dataset: tf.data.Dataset, task_names: List[str],
+               unshift_pad: Optional[int] = None):
+    """unshift_pad: the dataset holds ids + 1 (see `_shift`); emit real ids
+    with this pad id, and the masks that say which slots are tokens."""
     self.task_names = task_names
+    self._unshift_pad = unshift_pad
     self.dataset = dataset
     ids = np.array([tasks_lib.task_id(tasks_lib.plain_name(n))
                     for n in task_names])
@@ -136,7 +140,33 @@ class Batches:
     first = np.argmax(ids != 0, axis=1)
     batch["token_task_index"] = token_index
     batch["task_index"] = token_index[np.arange(len(ids)), first]
+    if self._unshift_pad is not None:
+      batch = unshift(batch, self._unshift_pad)
     return batch
+
+
+_TOKEN_KEYS = ("decoder_input_tokens", "decoder_target_tokens")
+
+
+def _shift(ex):
+  """ids + 1, so seqio's 0 = padding holds for vocabularies whose id 0 is a
+  token (SmolLM2's <|endoftext|>, Llama-3's '!'); `unshift` undoes it."""
+  return dict(ex, inputs=ex["inputs"] + 1, targets=ex["targets"] + 1)
+
+
+def unshift(batch: Dict[str, np.ndarray], pad_id: int) -> Dict[str, np.ndarray]:
+  """Decoder batch of shifted ids -> real ids, pad_id on padding, and
+  'decoder_mask' (B, L): 1 where decoder_input_tokens holds a token of the
+  text. seqio's start slot (a 0 before each sequence) is not one: the LM
+  reads the text as in pretraining, BOS first only if its tokenizer adds it.
+  Packed positions are shifted to start at 0 on the first text token."""
+  out = dict(batch)
+  out["decoder_mask"] = (batch["decoder_input_tokens"] != 0).astype(np.int32)
+  for k in _TOKEN_KEYS:
+    out[k] = np.where(batch[k] != 0, batch[k] - 1, pad_id).astype(np.int32)
+  if "decoder_positions" in batch:
+    out["decoder_positions"] = np.maximum(batch["decoder_positions"] - 1, 0)
+  return out
 
 
 def _too_long_message(message):
@@ -209,10 +239,14 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
         tf.constant(task_names)), default_value="?")
     ds = ds.map(_check_lengths(lengths, table))
   ds = ds.map(lambda ex: {k: ex[k] for k in keep})
+  shift = model_kind == "decoder" and tasks_lib.vocab_lib.shifts_ids(vocab)
+  if shift:
+    ds = ds.map(_shift)
   ds = feature_converter(model_kind, pack)(
       ds, task_feature_lengths={**lengths, _TASK_IDS: lengths["targets"]})
   ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
-  return Batches(ds, task_names)
+  return Batches(ds, task_names, unshift_pad=(
+      tasks_lib.vocab_lib.pad_token_id(vocab) if shift else None))
 
 
 def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
@@ -220,17 +254,22 @@ def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
 
   The decoder-only models attend causally everywhere (HF parity), so the
   prefix-LM 'decoder_causal_attention' is not passed; loss weights still
-  restrict the loss to targets.
+  restrict the loss to targets. Masks come from 'encoder_mask'/'decoder_mask'
+  when the batch has them (real LM vocabularies, evaluation rows), else from
+  `token != 0` (seqio vocabularies, whose id 0 is padding).
   """
   packed = "decoder_segment_ids" in batch
   real = lambda k: (batch[k] != 0).astype(np.int32)
   if model_kind == "encoder_decoder":
-    out = dict(input_ids=batch["encoder_input_tokens"],
-               attention_mask=real("encoder_segment_ids" if packed
-                                   else "encoder_input_tokens"),
+    enc_mask = (batch["encoder_mask"] if "encoder_mask" in batch
+                else real("encoder_segment_ids" if packed
+                          else "encoder_input_tokens"))
+    dec_mask = (batch["decoder_mask"] if "decoder_mask" in batch
+                else real("decoder_segment_ids" if packed
+                          else "decoder_target_tokens"))
+    out = dict(input_ids=batch["encoder_input_tokens"], attention_mask=enc_mask,
                decoder_input_ids=batch["decoder_input_tokens"],
-               decoder_attention_mask=real("decoder_segment_ids" if packed
-                                           else "decoder_target_tokens"))
+               decoder_attention_mask=dec_mask)
     if packed:
       out.update(encoder_segment_ids=batch["encoder_segment_ids"],
                  decoder_segment_ids=batch["decoder_segment_ids"],
@@ -238,9 +277,10 @@ def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:
                  decoder_positions=batch["decoder_positions"])
     return out
   if model_kind == "decoder":
-    out = dict(input_ids=batch["decoder_input_tokens"],
-               attention_mask=real("decoder_segment_ids" if packed
-                                   else "decoder_target_tokens"))
+    mask = (batch["decoder_mask"] if "decoder_mask" in batch
+            else real("decoder_segment_ids" if packed
+                      else "decoder_target_tokens"))
+    out = dict(input_ids=batch["decoder_input_tokens"], attention_mask=mask)
     if packed:
       out.update(segment_ids=batch["decoder_segment_ids"],
                  positions=batch["decoder_positions"])
@@ -278,16 +318,47 @@ def eval_examples(task: str, vocab, split: str = "validation",
     ds = ds.take(max_examples)
   out = []
   eos = [vocab.eos_id] if vocab.eos_id is not None else []
+  lm = tasks_lib.vocab_lib.lm_format(vocab)
   for ex in ds.as_numpy_iterator():
     row = dict(inputs=ex["inputs_pretokenized"].decode("utf-8"),
                targets=ex["targets_pretokenized"].decode("utf-8"),
                input_ids=ex["inputs"].tolist(), target_ids=ex["targets"].tolist())
     choices = [c.decode("utf-8") for c in ex["answer_choices"]]
-    if choices:
+    if choices and lm:
       row.update(answer_choices=choices, label=int(ex["label"]),
-                 choice_ids=[list(vocab.encode(c)) + eos for c in choices])
+                 **lm_choices(vocab, row["inputs"], choices))
+    elif choices:
+      row.update(answer_choices=choices, label=int(ex["label"]),
+                 choice_ids=[list(vocab.encode(c)) + eos for c in choices],
+                 choice_bytes=[len(c.encode("utf-8")) for c in choices])
     out.append(row)
   return out
+
+
+def lm_choices(vocab, context: str, continuations: List[str]) -> Dict[str, Any]:
+  """lm-evaluation-harness's (context, continuation) encoding for an LM.
+
+  Each continuation (its leading space included, see tasks.answer_delimiter)
+  is scored by its own tokens: the pair is encoded whole and split after the
+  context's tokens, with the context's trailing spaces moved to the
+  continuation first (lm-eval's `_encode_pair`). No EOS anywhere.
+  -> {'input_ids': [BOS] + context ids, 'choice_ids': [[ids] per choice],
+      'choice_bytes': [UTF-8 length of each choice without the delimiter]}.
+  """
+  bos = [vocab.bos_id] if getattr(vocab, "bos_id", None) is not None else []
+  spaces = len(context) - len(context.rstrip(" "))
+  ctx = context[:len(context) - spaces]
+  ctx_ids = list(vocab.encode(ctx)) if ctx else []
+  choice_ids, choice_bytes = [], []
+  for c in continuations:
+    cont = context[len(ctx):] + c
+    whole = list(vocab.encode(ctx + cont))
+    choice_ids.append(whole[len(ctx_ids):])
+    raw = c[1:] if c.startswith(" ") and tasks_lib.answer_delimiter(
+        context, c[1:]) == " " else c
+    choice_bytes.append(len(raw.encode("utf-8")))
+  return dict(input_ids=bos + ctx_ids, choice_ids=choice_ids,
+              choice_bytes=choice_bytes)
 
 
 def metric_fns(task: str, vocab=None):

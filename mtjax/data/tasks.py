@@ -223,6 +223,63 @@ def _plain_mc_row(name):
   return adapt
 
 
+# lm-evaluation-harness's cause/effect connectors for COPA and XCOPA.
+_CONNECTORS = {
+    "en": ("because", "therefore"), "et": ("sest", "seetõttu"),
+    "ht": ("poukisa", "donk sa"), "id": ("karena", "maka"),
+    "it": ("perché", "quindi"), "qu": ("imataq", "chaymi"),
+    "sw": ("kwa sababu", "kwa hiyo"), "ta": ("காரணமாக", "எனவே"),
+    "th": ("เพราะ", "ดังนั้น"), "tr": ("çünkü", "bu yüzden"),
+    "vi": ("bởi vì", "vì vậy"), "zh": ("因为", "所以"),
+}
+
+
+def _lower_first(text):
+  return text[:1].lower() + text[1:]
+
+
+def _plain_copa_row(lang):
+  """lm-eval's (X)COPA: 'premise-without-period connector' + ' choice'."""
+  cause, effect = _CONNECTORS[lang]
+
+  def adapt(row):
+    conn = cause if row["question"] == "cause" else effect
+    return dict(inputs=f"{row['premise'].strip()[:-1]} {conn}",
+                answer_choices=[_lower_first(row["choice1"]),
+                                _lower_first(row["choice2"])],
+                label=int(row["label"]))
+  return adapt
+
+
+def _plain_superglue_row(name):
+  """lm-eval's zero-shot SuperGLUE prompts (BoolQ, CB, RTE, WSC; COPA above)."""
+  if name == "copa":
+    return _plain_copa_row("en")
+  base = _superglue_row(name)
+
+  def adapt(row):
+    row = base(row)
+    if name == "boolq":
+      return dict(inputs=f"{row['passage']}\nQuestion: {row['question']}?"
+                  "\nAnswer:", answer_choices=["no", "yes"], label=row["label"])
+    if name == "cb":
+      return dict(inputs=f"{row['premise']}\nQuestion: {row['hypothesis']}. "
+                  "True, False, or Neither?\nAnswer:",
+                  answer_choices=["True", "False", "Neither"],
+                  label=row["label"])
+    if name == "rte":
+      return dict(inputs=f"{row['premise']}\nQuestion: {row['hypothesis']} "
+                  "True or False?\nAnswer:", answer_choices=["True", "False"],
+                  label=row["label"])
+    if name == "wsc":
+      return dict(inputs=f"Passage: {row['text']}\nQuestion: In the passage "
+                  f"above, does the pronoun \"*{row['span2_text']}*\" refer to "
+                  f"\"*{row['span1_text']}*\"?\nAnswer:",
+                  answer_choices=["no", "yes"], label=row["label"])
+    raise KeyError(name)
+  return adapt
+
+
 # ------------------------------------------------------- file task specs
 
 
@@ -303,15 +360,50 @@ def task_id(plain_name: str) -> int:
 
 
 def output_features(vocab):
-  return {k: seqio.Feature(vocabulary=vocab, add_eos=True, required=True)
-          for k in ("inputs", "targets")}
+  """EOS after both features (T5/seqio); after the target only for LMs."""
+  lm = vocab_lib.lm_format(vocab)
+  return {"inputs": seqio.Feature(vocabulary=vocab, add_eos=not lm,
+                                  required=True),
+          "targets": seqio.Feature(vocabulary=vocab, add_eos=True,
+                                   required=True)}
 
 
-def _record_lengths(dataset):
+def _record_lengths(dataset, input_eos=1):
   """Untrimmed lengths (EOS included), so the pipeline can refuse truncation."""
   def fn(ex):
-    return dict(ex, inputs_length=tf.size(ex["inputs"]) + 1,
+    return dict(ex, inputs_length=tf.size(ex["inputs"]) + input_eos,
                 targets_length=tf.size(ex["targets"]) + 1)
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def answer_delimiter(context: str, answer: str) -> str:
+  """What joins a prompt and its answer for a decoder-only LM: one space, as
+  lm-evaluation-harness's target_delimiter, unless either side already has
+  whitespace there. The space belongs to the answer (its first token)."""
+  if not context or context[-1:].isspace() or answer[:1].isspace():
+    return ""
+  return " "
+
+
+def _lm_delimit(dataset):
+  """targets and answer_choices get their leading space (answer_delimiter)."""
+  def delimit(context, answers):
+    glue = tf.logical_not(tf.logical_or(
+        tf.strings.regex_full_match(context, r"(?s)(.*\s)?"),
+        tf.strings.regex_full_match(answers, r"(?s)\s.*")))
+    return tf.where(glue, tf.strings.join([" ", answers]), answers)
+
+  def fn(ex):
+    out = dict(ex, targets=delimit(ex["inputs"], ex["targets"]))
+    if "answer_choices" in ex:
+      out["answer_choices"] = delimit(ex["inputs"], ex["answer_choices"])
+    return out
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _prepend_bos(dataset, bos_id):
+  def fn(ex):
+    return dict(ex, inputs=tf.concat([[bos_id], ex["inputs"]], 0))
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -382,10 +474,15 @@ def add_task(seqio_name, plain, source, vocab, metric_fns=(accuracy,),
   """Registers a Task with the shared preprocessors (no-op if present)."""
   if seqio_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(seqio_name)
+  lm = vocab_lib.lm_format(vocab)
+  bos = getattr(vocab, "bos_id", None) if lm else None
   return seqio.TaskRegistry.add(
       seqio_name, source=source,
-      preprocessors=[*extra_preprocessors, seqio.preprocessors.tokenize,
-                     _record_lengths,
+      preprocessors=[*extra_preprocessors, *([_lm_delimit] if lm else []),
+                     seqio.preprocessors.tokenize,
+                     *([functools.partial(_prepend_bos, bos_id=bos)]
+                       if bos is not None else []),
+                     functools.partial(_record_lengths, input_eos=int(not lm)),
                      seqio.preprocessors.append_eos_after_trim,
                      functools.partial(_add_task_ids,
                                        task_id_value=task_id(plain))],
@@ -515,7 +612,9 @@ def _specs(data_dir: pathlib.Path) -> List[_Spec]:
                     if (d / f"{f}.{lang}.jsonl").exists())
       if files:
         out.append(_Spec(f"{kind}.{lang}", files, "jsonl", dict, copa,
-                         ps / "super_glue/copa/templates.yaml"))
+                         ps / "super_glue/copa/templates.yaml",
+                         _plain_copa_row("en" if kind == "xcopa_gmt"
+                                         else lang)))
         if kind == "xcopa":
           out.append(_Spec(f"xcopa_mt.{lang}", files, "jsonl", dict, copa,
                            xp3 / "xcopa" / lang / "templates.yaml"))
@@ -532,7 +631,8 @@ def _specs(data_dir: pathlib.Path) -> List[_Spec]:
     if files:
       out.append(_Spec(name, files, "jsonl", _superglue_row(name),
                        frozenset(sg_fields[name]),
-                       ps / SUPERGLUE_TEMPLATES[name] / "templates.yaml"))
+                       ps / SUPERGLUE_TEMPLATES[name] / "templates.yaml",
+                       _plain_superglue_row(name)))
   mc_fields = {"winogrande": ["sentence", "option1", "option2", "answer"],
                "piqa": ["goal", "sol1", "sol2", "label"],
                "arc_easy": ["question", "choices", "answerKey"],

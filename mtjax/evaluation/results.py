@@ -9,7 +9,21 @@ import json
 import math
 import os
 
+import numpy as np
 from absl import logging
+
+
+def bootstrap_ci(values, level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of per-example `values` (N,)."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  means = values[rng.integers(0, values.size, (resamples, values.size))].mean(1)
+  tail = (1 - level) / 2 * 100
+  lo, hi = np.percentile(means, [tail, 100 - tail])
+  return float(lo), float(hi)
 
 
 def with_averages(results, groups):

@@ -24,6 +24,7 @@ import os
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from jax.sharding import Mesh
 
 from mtjax.models import decoder, hf
 
@@ -185,10 +186,13 @@ class Tensors(collections.abc.Mapping):
     return len(self._by_hf)
 
 
-def load(path: str, dtype: str = "float32") -> tuple[hf.Model, dict]:
-  """GGUF file -> (model, params); `dtype` is the compute dtype.
+def load(path: str, dtype: str = "float32", param_dtype: str = "float32",
+         mesh: Optional[Mesh] = None) -> tuple[hf.Model, dict]:
+  """GGUF file -> (model, params on devices); `dtype` is the compute dtype.
 
-  Parameters are f32 (dequantised). Raises for an unsupported architecture,
+  Each tensor is dequantised when it is placed (hf.place_params: converted
+  to `param_dtype`, sharded by its logical axes on `mesh`), so the host holds
+  about one f32 tensor at a time. Raises for an unsupported architecture,
   rope scaling or quantisation type, naming it.
   """
   r = reader(path)
@@ -198,4 +202,5 @@ def load(path: str, dtype: str = "float32") -> tuple[hf.Model, dict]:
   config = decoder.config_from_hf(config_dict, dtype=dtype)
   model = decoder.Model(config)
   tensors = Tensors(r, meta["general.architecture"], config_dict)
-  return model, hf.params_from_tensors(tensors, model, path_hint=path)
+  return model, hf.place_params(tensors, model, path_hint=path,
+                                param_dtype=param_dtype, mesh=mesh)
