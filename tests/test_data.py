@@ -226,6 +226,7 @@ def test_vocabularies_round_trip(tmp_path):
   for spec in ("byte", f"spm:{spm_path}", f"hf:{tmp_path}/tokenizer.json"):
     vocab = data.vocabulary(spec)
     assert vocab.pad_id == 0 and vocab.eos_id == 1
+    assert data.pad_token_id(vocab) == (1 if spec.startswith("hf:") else 0)
     for s in samples:
       ids = vocab.encode(s)
       assert vocab.decode(ids) == s
@@ -240,19 +241,11 @@ def test_vocabularies_round_trip(tmp_path):
   # A seqio task tokenized by the HF vocabulary, end to end.
   hf = data.vocabulary(f"hf:{tmp_path}/tokenizer.json")
   rows = data.eval_examples("copy", hf, max_examples=3)
-  for row in rows:
+  for row in rows:  # LM formatting: no EOS after the prompt; EOS ends targets
     assert hf.decode(row["input_ids"]) == row["inputs"]
-    assert row["input_ids"][-1] == hf.eos_id
-
-
-def test_hf_vocabulary_refuses_real_token_at_id_zero(tmp_path):
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import models, trainers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.train_from_iterator(["abc abd"], trainers.BpeTrainer(vocab_size=30))
-  tok.save(str(tmp_path / "t.json"))
-  with pytest.raises(ValueError, match="id 0 is the ordinary token"):
-    data.vocabulary(f"hf:{tmp_path}/t.json")
+    assert hf.eos_id not in row["input_ids"]
+    assert row["target_ids"][-1] == hf.eos_id
+    assert row["targets"].startswith(" ")
 
 
 # ------------------------------------------------------------ eval helpers

@@ -7,12 +7,17 @@ the tokenizer built from metadata.
 """
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
 import mtjax.models
 from mtjax import data
+from mtjax.data import tasks
+from mtjax.evaluation import evaluate
+from mtjax.methods import full
 from mtjax.models import gguf as gguf_lib
+from mtjax.models import sharding
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -94,3 +99,107 @@ def test_unsupported_architecture_is_named(tmp_path):
     gguf_lib.load(str(path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     gguf_lib.load(str(tmp_path / "missing.gguf"))
+
+
+# ---------------------------------------------------------------- harness
+# The evaluation harness (mtjax.data formatting + evaluate.score_choices)
+# against a reference written here with transformers alone: the same prompt
+# and answer strings, lm-eval's encode-pair split, per-choice summed
+# log-likelihood of the answer tokens.
+
+
+def _reference_logliks(tok, ref, context, continuations):
+  spaces = len(context) - len(context.rstrip(" "))
+  ctx = context[:len(context) - spaces]
+  ctx_ids = tok(ctx).input_ids
+  out = []
+  for cont in continuations:
+    whole = tok(ctx + context[len(ctx):] + cont).input_ids
+    cont_ids = whole[len(ctx_ids):]
+    with torch.no_grad():
+      logits = ref(torch.tensor([whole])).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    rows = torch.arange(len(ctx_ids) - 1, len(whole) - 1)
+    out.append(float(logp[rows, torch.tensor(cont_ids)].sum()))
+  return np.array(out)
+
+
+def _harness(smollm, task, n):
+  model, params = smollm
+  vocab = data.vocabulary(f"gguf:{SMOLLM}")
+  examples = data.eval_examples(task, vocab, max_examples=n)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  scorer = evaluate.make_scorer(full.FullFineTuning(), model)
+  with sharding.use_mesh(mesh):
+    scored = evaluate.score_choices(
+        scorer, model, {"base": params}, examples,
+        {"inputs": 480, "targets": 32}, 8, mesh,
+        pad_id=data.pad_token_id(vocab), lm=True)
+  return examples, scored
+
+
+def _compare(reference, smollm, task, n, shared_data):
+  del shared_data
+  tok, ref = reference
+  examples, scored = _harness(smollm, task, n)
+  assert len(examples) == n
+  labels = np.array([ex["label"] for ex in examples])
+  got_pred, want_pred = [], []
+  for ex, (sums, _, cut) in zip(examples, scored, strict=True):
+    assert not cut
+    want = _reference_logliks(tok, ref, ex["inputs"], ex["answer_choices"])
+    np.testing.assert_allclose(sums, want, atol=5e-3, rtol=1e-4)
+    got_pred.append(int(np.argmax(sums)))
+    want_pred.append(int(np.argmax(want)))
+  assert got_pred == want_pred
+  return float(np.mean(np.array(got_pred) == labels))
+
+
+def test_harness_matches_transformers_on_copa(reference, smollm, shared_data):
+  _compare(reference, smollm, "copa.plain", 16, shared_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["copa.plain", "arc_easy.plain",
+                                  "piqa.plain"])
+def test_harness_accuracy_equals_transformers_reference(reference, smollm,
+                                                        shared_data, task):
+  acc = _compare(reference, smollm, task, 100, shared_data)
+  print(f"{task}: accuracy {acc:.3f} on 100 examples (harness == reference)")
+
+
+def test_unsupported_quantisation_is_named(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  path = tmp_path / "q81.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for key, value in (("block_count", 1), ("embedding_length", 64),
+                     ("feed_forward_length", 128), ("context_length", 64)):
+    writer.add_uint32(f"llama.{key}", value)
+  writer.add_uint32("llama.attention.head_count", 4)
+  # Q8_1 (blocks of 32 values in 40 bytes): the gguf package cannot
+  # dequantise it, and the loader must say so by name.
+  writer.add_tensor("token_embd.weight", np.zeros((32, 80), np.uint8),
+                    raw_shape=(32, 80),
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(NotImplementedError, match="quantised as Q8_1"):
+    gguf_lib.load(str(path))
+
+
+def test_chat_template_task_option(shared_data):
+  del shared_data
+  vocab = data.vocabulary(f"gguf:{SMOLLM}")
+  copa = [t for t in tasks.real_tasks(tasks.default_data_dir())["copa"]
+          if t.name == "copa.plain"][0]
+  plain = data.eval_examples(tasks.register_file_task(copa, vocab), vocab,
+                             max_examples=2)
+  chat = data.eval_examples(tasks.register_file_task(copa, vocab, chat=True),
+                            vocab, max_examples=2)
+  for p, c in zip(plain, chat, strict=True):
+    assert c["inputs"] == vocab.chat(p["inputs"])
+    assert c["inputs"].endswith("<|im_start|>assistant\n")
+    # After the assistant header the answer needs no leading space.
+    assert [a.lstrip() for a in p["answer_choices"]] == c["answer_choices"]

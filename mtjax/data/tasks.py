@@ -469,16 +469,38 @@ class InMemorySource(seqio.FunctionDataSource):
     return self._dataset_fn(split=split, shuffle_files=shuffle, seed=seed)
 
 
+def _chat_format(dataset, vocab):
+  """inputs -> one user turn of the vocabulary's chat template + the
+  generation prompt (the answer then follows the assistant header)."""
+  def chat(text):
+    return vocab.chat(text.decode("utf-8")).encode("utf-8")
+
+  def fn(ex):
+    out = tf.numpy_function(chat, [ex["inputs"]], tf.string, stateful=False)
+    return dict(ex, inputs=tf.ensure_shape(out, []))
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def add_task(seqio_name, plain, source, vocab, metric_fns=(accuracy,),
-             extra_preprocessors=()):
-  """Registers a Task with the shared preprocessors (no-op if present)."""
+             extra_preprocessors=(), chat: bool = False):
+  """Registers a Task with the shared preprocessors (no-op if present).
+
+  chat=True renders each prompt with the vocabulary's chat template (an
+  instruct model's jinja2 template, `HFTokenizerVocabulary.chat`).
+  """
   if seqio_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(seqio_name)
   lm = vocab_lib.lm_format(vocab)
+  if chat and not getattr(vocab, "chat_template", None):
+    raise ValueError(f"task {plain}: chat=True needs a vocabulary with a chat "
+                     f"template; {vocab_lib.key(vocab)} has none (use an "
+                     "instruct model's tokenizer: gguf: or hf: spec)")
+  chat_step = [functools.partial(_chat_format, vocab=vocab)] if chat else []
   bos = getattr(vocab, "bos_id", None) if lm else None
   return seqio.TaskRegistry.add(
       seqio_name, source=source,
-      preprocessors=[*extra_preprocessors, *([_lm_delimit] if lm else []),
+      preprocessors=[*extra_preprocessors, *chat_step,
+                     *([_lm_delimit] if lm else []),
                      seqio.preprocessors.tokenize,
                      *([functools.partial(_prepend_bos, bos_id=bos)]
                        if bos is not None else []),
@@ -499,12 +521,16 @@ def plain_name(name: str) -> str:
   return name.split(".", 2)[2] if name.startswith("mtjax.") else name
 
 
-def register_file_task(task: FileTask, vocab) -> str:
-  """Registers a FileTask (rows rendered on first use); returns seqio name."""
+def register_file_task(task: FileTask, vocab, chat: bool = False) -> str:
+  """Registers a FileTask (rows rendered on first use); returns seqio name.
+
+  chat=True registers '<task>.chat': prompts in the chat template.
+  """
   splits = [s for s, _ in task.files]
   source = InMemorySource(lambda split: _render_cached(task, split)[0], splits)
-  name = seqio_name(vocab, task.name)
-  add_task(name, task.name, source, vocab)
+  plain = task.name + (".chat" if chat else "")
+  name = seqio_name(vocab, plain)
+  add_task(name, plain, source, vocab, chat=chat)
   return name
 
 

@@ -130,6 +130,7 @@ def run(config, workdir: str) -> dict:
             f"n={r['num_examples']} truncated={r['truncated']} "
             f"chance={r['chance']:.3f}  ({time.time() - t0:.0f} s)",
             flush=True)
+  groups = {k: v for k, v in groups.items() if v}
   results = results_lib.with_averages(results, groups)
   metrics = ["accuracy", "accuracy_lo", "accuracy_hi", "accuracy_norm",
              "accuracy_norm_lo", "accuracy_norm_hi", "chance", "num_examples",
