@@ -13,6 +13,7 @@ class FullFineTuning:
   """Every base parameter is trainable; the forward is the plain model."""
   name = "full"
   trainable = "base/.*"
+  cached_decoding = True  # the plain model's KV cache (transform docstring)
 
   def init(self, rng: Optional[jax.Array], model: Model,
            base_params: Optional[dict]) -> dict:
@@ -21,8 +22,12 @@ class FullFineTuning:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None,
+            cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see transform's docstring)."""
     inputs = {k: v for k, v in inputs.items() if k != "adapter_index"}
     rngs = {"dropout": rng} if rng is not None else {}
-    return model.apply({"params": params["base"]}, **inputs,
-                       deterministic=deterministic, rngs=rngs, method=method)
+    return transform.apply_model(model, params["base"], inputs, method=method,
+                                 decode=decode, cache=cache,
+                                 deterministic=deterministic, rngs=rngs)

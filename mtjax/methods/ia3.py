@@ -35,6 +35,7 @@ Model = Any  # a flax linen module (mtjax.models)
 class IA3:
   """The (IA)3 method (see module docstring)."""
   trainable = r"ia3/.*"
+  cached_decoding = True  # per-token hooks: a step sees only its new token
 
   def __init__(self, targets: Union[str, Sequence[str], None] = None,
                ff_targets: Union[str, Sequence[str], None] = None,
@@ -90,10 +91,13 @@ class IA3:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see transform's docstring)."""
     inputs = transform.model_kwargs(inputs)
     icpt = transform.linear_interceptor(
         nn.unbox(params["ia3"]), self.hook, inputs.get("adapter_index"), rng,
         deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+                         deterministic=deterministic, method=method,
+                         decode=decode, cache=cache)

@@ -42,6 +42,7 @@ def default_targets(model: Model) -> tuple:
 class LoRA:
   """The LoRA method (see module docstring)."""
   trainable = r"lora/.*"
+  cached_decoding = True  # per-token hooks: a step sees only its new token
 
   def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Union[str, Sequence[str], None] = None,
@@ -127,13 +128,16 @@ class LoRA:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see transform's docstring)."""
     inputs = transform.model_kwargs(inputs)
     icpt = transform.linear_interceptor(
         nn.unbox(params["lora"]), self.hook, inputs.get("adapter_index"), rng,
         deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+                         deterministic=deterministic, method=method,
+                         decode=decode, cache=cache)
 
   def merge(self, model: Model, params: dict) -> dict:
     """Base params with B A * scale folded into the kernels (single adapter)."""

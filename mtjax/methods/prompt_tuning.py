@@ -19,7 +19,16 @@ t as S * (u_t v_t^T) ('multiplicative', the paper's) or S + D_t ('additive').
 All are trained jointly on a mixture; inputs['adapter_index'] (B,) (the task
 index) picks each example's prompt. The learned S initialises target-task
 prompts (prompt transfer, `init_from`).
+
+KV-cached decoding (mtjax.methods.transform): decode=PREFILL prepends the
+prompt like the plain forward, so the cache holds the P prompt vectors before
+the tokens (size it for P more slots: the creation call, cache=None, prepends
+them too); decode=STEP runs the new tokens alone. For T5 the prompt goes into
+the encoder (method='encode'); a decoder call (method='decode', no input_ids)
+with an `encoded` P longer than its `attention_mask` gets P ones prepended to
+the mask.
 """
+import functools
 import re
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -80,6 +89,7 @@ def prompt_init(rng: jax.Array, table: ArrayLike, length: int,
 class PromptTuning:
   """Soft prompt of `length` vectors (one, or one per task with num_tasks)."""
   trainable = r"prompt/.*"
+  cached_decoding = True  # the prompt is cached by the prefill (docstring)
 
   def __init__(self, length: int = 20, init: str = "vocab",
                sample_vocab: int = 5000, label_ids: Sequence[int] = (),
@@ -137,13 +147,16 @@ class PromptTuning:
   # -- forward --------------------------------------------------------------
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see the module docstring)."""
     params = {**params, "prompt": nn.unbox(params["prompt"])}
     return prompted_apply(model, params, inputs,
                           self.prompts(params, inputs.get("adapter_index")),
                           embedding=self.embedding, scope=self.scope,
                           placeholder_id=self.placeholder_id,
-                          rng=rng, deterministic=deterministic, method=method)
+                          rng=rng, deterministic=deterministic, method=method,
+                          decode=decode, cache=cache)
 
 
 @transform.METHODS.register("multitask_prompt")
@@ -197,14 +210,31 @@ def prompted_apply(model: Model, params: dict, inputs: dict, prompt: jax.Array,
                    *, embedding: str = EMBED_PATTERN, scope: Optional[str] = None,
                    placeholder_id: Optional[int] = None,
                    rng: Optional[jax.Array] = None, deterministic: bool = True,
-                   method: Union[str, Callable, None] = None) -> jax.Array:
-  """Runs `model` with `prompt` (P, d) or (B, P, d) prepended to the input."""
+                   method: Union[str, Callable, None] = None,
+                   decode: Optional[str] = None,
+                   cache: Optional[dict] = None) -> Any:
+  """Runs `model` with `prompt` (P, d) or (B, P, d) prepended to the input.
+
+  decode/cache: KV-cached decoding (see the module docstring); then returns
+  (logits, cache).
+  """
   inputs = dict(transform.model_kwargs(inputs))
   length = prompt.shape[-2]
-  if length == 0:
-    return transform.run(model, params["base"], inputs, [], rng=rng,
-                         deterministic=deterministic, method=method)
   enc_dec = model.config.is_encoder_decoder
+  plain = functools.partial(transform.run, model, params["base"], rng=rng,
+                            deterministic=deterministic, method=method,
+                            decode=decode, cache=cache)
+  if enc_dec and "input_ids" not in inputs:  # T5.decode on a prompted encoding
+    mask = inputs.get("attention_mask")
+    encoded = inputs.get("encoded")
+    if (length and mask is not None and encoded is not None
+        and encoded.shape[1] == mask.shape[1] + length):
+      mask = jnp.asarray(mask)
+      inputs["attention_mask"] = jnp.concatenate(
+          [jnp.ones((mask.shape[0], length), mask.dtype), mask], axis=1)
+    return plain(inputs, [])
+  if length == 0 or transform.check_decode(decode) == transform.STEP:
+    return plain(inputs, [])
   for key in (("encoder_segment_ids", "encoder_positions") if enc_dec
               else ("segment_ids", "positions")):
     if inputs.get(key) is not None:
@@ -225,17 +255,17 @@ def prompted_apply(model: Model, params: dict, inputs: dict, prompt: jax.Array,
   hits = []
   icpt = embed_interceptor(prompt, total, embedding_path(model, embedding),
                            scope, hits)
-  logits = transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+  out = plain(inputs, [icpt])
   if not hits:
     raise ValueError(
         f"no call of the embedding module {embedding!r} with length {total} "
         f"inside scope {scope!r} was "
         "seen, so the prompt was not inserted; set the method's scope to a "
         "regex over 'module/path:method' of the call that embeds input_ids")
+  logits, cache = out if decode else (out, None)
   if not enc_dec and method is None:
     logits = logits[:, length:]
-  return logits
+  return (logits, cache) if decode else logits
 
 
 def embed_interceptor(prompt: jax.Array, total_length: int, embed_path: str,

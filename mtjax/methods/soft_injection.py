@@ -279,9 +279,18 @@ class SoftInjection:
 
   params['soft_injection'] = {'alpha_logits': (K, L, H), 'embedding': (K, L, H, D)}.
   Inputs may carry 'injection_position' (B,) (e.g. when targets follow the
-  prompt in input_ids); the default is `injection_positions`.
+  prompt in input_ids); the default is `injection_positions`. Evaluation's
+  greedy decoding passes each row's last prompt slot there
+  (`prompt_end_input`), so generated tokens are never injected.
+
+  KV-cached decoding (mtjax.methods.transform): decode=PREFILL injects like the
+  plain forward (the edited heads shape the cached keys/values of later
+  layers); decode=STEP runs the new tokens on the plain model, which is what
+  a recomputation with the injection fixed at the prompt's end gives.
   """
   trainable = r"soft_injection/alpha_logits"
+  cached_decoding = True
+  prompt_end_input = "injection_position"
 
   def __init__(self, embeddings: ArrayLike, pattern: Optional[str] = None,
                alpha_logits: Optional[ArrayLike] = None) -> None:
@@ -308,17 +317,29 @@ class SoftInjection:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None,
-            deterministic: bool = True) -> jax.Array:
+            deterministic: bool = True,
+            method: Optional[Callable[..., Any]] = None,
+            decode: Optional[str] = None,
+            cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see the class docstring)."""
     del rng, deterministic  # the base model runs frozen and deterministic
     tree = params["soft_injection"]
     inputs = dict(inputs)
     index = inputs.pop("adapter_index", None)
+    decode = transform.check_decode(decode)
+    if decode == transform.STEP:
+      return transform.apply_model(model, params["base"],
+                                   _model_kwargs(inputs), method=method,
+                                   decode=decode, cache=cache)
     if index is None:
       index = jnp.zeros((next(iter(inputs.values())).shape[0],), jnp.int32)
-    return apply_injected(model, params["base"], inputs,
-                          jax.lax.stop_gradient(tree["embedding"]),
-                          alpha_of(tree["alpha_logits"]), task_index=index,
-                          pattern=self.pattern)
+    kwargs = {} if decode is None else {"decode": True, "mutable": ["cache"]}
+    out = apply_injected(model, params["base"], inputs,
+                         jax.lax.stop_gradient(tree["embedding"]),
+                         alpha_of(tree["alpha_logits"]), task_index=index,
+                         pattern=self.pattern, method=method, cache=cache,
+                         **kwargs)
+    return out if decode is None else (out[0], out[1]["cache"])
 
 
 @transform.METHODS.register("soft_injection")

@@ -26,6 +26,28 @@ Method parameters carry logical axis names derived from the target kernel's
 axes (`Target.in_axis`, `Target.out_axis`), so `sharding.RULES` shards them the
 same way as the base model. `ctx` (a `HookContext`) carries the per-example
 adapter index for mixed-adapter batches and the rng/deterministic flags.
+
+Incremental (KV-cached) decoding goes through the same `method.apply`:
+
+  logits, cache = method.apply(model, params, inputs, decode=PREFILL,
+                               cache=cache)     # the prompt
+  logits, cache = method.apply(model, params, step_inputs, decode=STEP,
+                               cache=cache)     # each new token
+
+`decode=None` (the default) is the plain forward, returning logits only.
+With `decode` set, the model runs with `decode=True` and its 'cache'
+collection: `cache=None` creates it (a plain forward whose inputs set the
+cache length, as the models' own `init_cache` does), otherwise it is read and
+written and returned with the logits. PREFILL and STEP differ only for
+methods that act on the prompt (prompt tuning prepends its soft tokens to the
+prefill only; soft injection edits heads in the prefill only); the
+interceptor-only methods (LoRA, IA3, routing) treat both alike, so per-token
+routing routes each new token in its own step, as a full recomputation would.
+A method says it implements this exactly with the class attribute
+`cached_decoding = True` (`cached_decoding(method)`); methods without it are
+decoded by recomputing their forward over the filled buffer
+(mtjax.evaluation.evaluate.make_greedy). `run` below implements the
+pass-through for interceptor-based methods.
 """
 import contextlib
 import dataclasses
@@ -44,6 +66,30 @@ from mtjax.registry import Registry, to_dict  # noqa: F401 (to_dict re-used)
 METHODS = Registry("method")
 
 Model = Any  # a flax linen module (mtjax.models)
+
+# `decode` modes of method.apply (see the module docstring); None: no cache.
+PREFILL = "prefill"
+STEP = "step"
+DECODE_MODES = (None, PREFILL, STEP)
+
+
+def check_decode(decode: Optional[str]) -> Optional[str]:
+  """Validates a method.apply `decode` argument (None, PREFILL or STEP)."""
+  if decode is False:
+    return None
+  if decode not in DECODE_MODES:
+    raise ValueError(f"decode={decode!r}: use None (no cache), "
+                     f"{PREFILL!r} (the prompt) or {STEP!r} (a new token)")
+  return decode
+
+
+def cached_decoding(method: Any) -> bool:
+  """Whether `method.apply` implements decode=PREFILL/STEP exactly.
+
+  Read from the method's `cached_decoding` attribute; a method without one
+  (e.g. a third-party method) is decoded by recomputation.
+  """
+  return bool(getattr(method, "cached_decoding", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,18 +278,47 @@ def select(param: jax.Array, adapter_index: Optional[jax.Array],
   return jnp.take(param, adapter_index, axis=0)
 
 
+def apply_model(model: Model, base_params: dict, kwargs: dict, *,
+                method: Union[str, Callable, None] = None,
+                decode: Optional[str] = None, cache: Optional[dict] = None,
+                **apply_kwargs: Any) -> Any:
+  """model.apply(kwargs), plain or with the 'cache' collection.
+
+  decode None: the logits. decode PREFILL/STEP: (logits, cache); `cache`
+  None creates the collection (see the module docstring).
+  """
+  if check_decode(decode) is None:
+    if cache is not None:
+      raise ValueError("a cache is only read with decode='prefill'/'step'")
+    return model.apply({"params": base_params}, **kwargs, method=method,
+                       **apply_kwargs)
+  variables = {"params": base_params}
+  if cache is not None:
+    variables["cache"] = cache
+  out, mutated = model.apply(variables, **kwargs, method=method, decode=True,
+                             mutable=["cache"], **apply_kwargs)
+  return out, mutated["cache"]
+
+
 def run(model: Model, base_params: dict, inputs: dict,
         interceptors: Sequence[Callable], *, rng: Optional[jax.Array] = None,
         deterministic: bool = True,
-        method: Union[str, Callable, None] = None) -> jax.Array:
-  """model.apply on `inputs` (model kwargs) under the given interceptors."""
+        method: Union[str, Callable, None] = None,
+        decode: Optional[str] = None,
+        cache: Optional[dict] = None) -> Any:
+  """model.apply on `inputs` (model kwargs) under the given interceptors.
+
+  decode/cache: incremental decoding (see the module docstring); then
+  returns (logits, cache) instead of logits.
+  """
   kwargs = {k: v for k, v in inputs.items() if k != "adapter_index"}
   rngs = {"dropout": rng} if (rng is not None and not deterministic) else None
   with contextlib.ExitStack() as stack:
     for f in interceptors:
       stack.enter_context(nn.intercept_methods(f))
-    return model.apply({"params": base_params}, **kwargs,
-                       deterministic=deterministic, rngs=rngs, method=method)
+    return apply_model(model, base_params, kwargs, method=method,
+                       decode=decode, cache=cache,
+                       deterministic=deterministic, rngs=rngs)
 
 
 def model_kwargs(inputs: dict) -> dict:
@@ -251,5 +326,6 @@ def model_kwargs(inputs: dict) -> dict:
   allowed = {"input_ids", "attention_mask", "decoder_input_ids",
              "decoder_attention_mask", "encoder_segment_ids",
              "decoder_segment_ids", "encoder_positions", "decoder_positions",
-             "positions", "segment_ids", "adapter_index"}
+             "positions", "segment_ids", "adapter_index",
+             "encoded"}  # T5.decode's encoder output (method='decode')
   return {k: v for k, v in inputs.items() if k in allowed}

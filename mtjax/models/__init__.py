@@ -14,10 +14,11 @@ The contract every model follows (so methods and the trainer stay generic):
 Parameters carry logical axis names (see sharding.py); every linear map is a
 layers.Linear whose path mirrors Hugging Face's module names.
 """
+import functools
 from typing import Any, Optional
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from mtjax.models import decoding, hf, sharding  # noqa: F401
@@ -32,20 +33,35 @@ def _arch(model):
 def logits(model: Model, params: dict, input_ids: ArrayLike,
            attention_mask: Optional[ArrayLike] = None,
            decoder_input_ids: Optional[ArrayLike] = None,
-           decoder_attention_mask: Optional[ArrayLike] = None) -> jax.Array:
-  """Logits (batch, length, vocab) f32 for any loaded model; HF argument names."""
+           decoder_attention_mask: Optional[ArrayLike] = None,
+           jit: bool = True) -> jax.Array:
+  """Logits (batch, length, vocab) f32 for any loaded model; HF argument names.
+
+  jit=True (default) runs one `jax.jit` compilation per model and input
+  shapes (the model static, reused by later calls); jit=False runs the model
+  op by op. Inside `flax.linen.intercept_methods` the call always runs
+  eagerly (jit or not): a cached trace made without the interceptor would
+  silently ignore it (see decoding.py), while the eager call goes through it.
+  """
   if decoder_input_ids is not None and not model.config.is_encoder_decoder:
     raise ValueError(f"{model.config.model_type} is decoder-only: "
                      "decoder_input_ids is for encoder-decoder models")
   if model.config.is_encoder_decoder and decoder_input_ids is None:
     raise ValueError("encoder-decoder models need decoder_input_ids")
   kwargs = dict(attention_mask=None if attention_mask is None
-                else np.asarray(attention_mask))
+                else jnp.asarray(attention_mask))
   if model.config.is_encoder_decoder:
-    kwargs.update(decoder_input_ids=np.asarray(decoder_input_ids),
+    kwargs.update(decoder_input_ids=jnp.asarray(decoder_input_ids),
                   decoder_attention_mask=None if decoder_attention_mask is None
-                  else np.asarray(decoder_attention_mask))
-  return model.apply({"params": params}, np.asarray(input_ids), **kwargs)
+                  else jnp.asarray(decoder_attention_mask))
+  if not jit or decoding.interceptors_active():
+    return model.apply({"params": params}, jnp.asarray(input_ids), **kwargs)
+  return _jitted_logits(model, params, jnp.asarray(input_ids), kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _jitted_logits(model, params, input_ids, kwargs):
+  return model.apply({"params": params}, input_ids, **kwargs)
 
 
 def generate(model: Model, params: dict, input_ids: ArrayLike,

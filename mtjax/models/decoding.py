@@ -17,9 +17,11 @@ key), EOS bookkeeping (a row emits `pad_id` after its first EOS), and the
 Jitted generators that close over a model (the model static, parameters
 traced) must be called outside `flax.linen.intercept_methods`: jax reuses a
 trace made without the interceptor, silently running the base model. Their
-Python entry points call `no_interceptors` to refuse that loudly; methods that
-rely on interceptors (LoRA, IA3, routing, ...) decode through a loop whose jit
-contains the method's apply (mtjax.evaluation.evaluate.make_greedy).
+Python entry points call `no_interceptors` to refuse that loudly (the jitted
+`mtjax.models.logits` runs eagerly there instead); methods that rely on
+interceptors (LoRA, IA3, routing, ...) decode through a loop whose jit
+contains the method's apply (mtjax.evaluation.evaluate.make_greedy, with the
+KV cache through `method.apply(decode=...)`, see mtjax.methods.transform).
 """
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -34,10 +36,15 @@ Step = Callable[[Carry, jax.Array], Tuple[jax.Array, Carry]]
 EosIds = Union[None, int, Sequence[int], jax.Array]
 
 
+def interceptors_active() -> bool:
+  """Whether a flax `nn.intercept_methods` interceptor is active here."""
+  stack = getattr(getattr(nn, "module", None), "_global_interceptor_stack", ())
+  return bool(len(stack))
+
+
 def no_interceptors(what: str) -> None:
   """Raises if a flax method interceptor is active (see the module docstring)."""
-  stack = getattr(getattr(nn, "module", None), "_global_interceptor_stack", ())
-  if len(stack):
+  if interceptors_active():
     raise RuntimeError(
         f"{what} runs a jitted model trace that may have been made without "
         "the active nn.intercept_methods interceptor (e.g. a LoRA, IA3 or "
@@ -76,7 +83,8 @@ def choose(logits: jax.Array, temperature: Union[float, jax.Array] = 0.0,
 def decode(prefill: Prefill, step: Step, max_new_tokens: int, *,
            temperature: Union[float, jax.Array] = 0.0,
            rng: Optional[jax.Array] = None, eos_ids: EosIds = None,
-           pad_id: int = 0) -> jax.Array:
+           pad_id: int = 0, return_logits: bool = False
+           ) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
   """Generated ids (B, max_new_tokens) int32.
 
   prefill() -> (logits (B, V), carry); step(carry, tokens (B,)) -> (logits
@@ -86,6 +94,8 @@ def decode(prefill: Prefill, step: Step, max_new_tokens: int, *,
   array (may be traced; negative ids never match). After a row emits an EOS
   it emits `pad_id`; once every row has, the remaining steps skip `step`
   (lax.cond), so a finished batch costs no more model calls.
+  return_logits: also return the logits (B, max_new_tokens, V) f32 that each
+  token was chosen from (zeros for the steps skipped after every row ended).
   """
   max_new_tokens = int(max_new_tokens)
   if max_new_tokens < 1:
@@ -109,25 +119,33 @@ def decode(prefill: Prefill, step: Step, max_new_tokens: int, *,
 
   logits, carry = prefill()
   tok, done = pick(logits, keys[0], jnp.zeros(logits.shape[:1], bool))
+  first = logits.astype(jnp.float32)
 
   def live(carry, tok, done, key):
     logits, carry = step(carry, tok)
     new, done = pick(logits, key, done)
-    return carry, new, done
+    return carry, new, done, (logits.astype(jnp.float32) if return_logits
+                              else None)
 
   def finished(carry, tok, done, key):
     del key
-    return carry, jnp.full_like(tok, pad_id), done
+    return carry, jnp.full_like(tok, pad_id), done, (
+        jnp.zeros_like(first) if return_logits else None)
 
   def body(state, key):
     carry, tok, done = state
     if eos is None:  # rows never finish: no branch
-      state = live(carry, tok, done, key)
+      *state, logits = live(carry, tok, done, key)
     else:
-      state = jax.lax.cond(jnp.all(done), finished, live, carry, tok, done, key)
-    return state, state[1]
+      *state, logits = jax.lax.cond(jnp.all(done), finished, live, carry, tok,
+                                    done, key)
+    return tuple(state), (state[1], logits)
 
   if max_new_tokens == 1:
-    return tok[:, None]
-  _, rest = jax.lax.scan(body, (carry, tok, done), keys[1:])
-  return jnp.concatenate([tok[:, None], rest.T], axis=1)
+    ids, all_logits = tok[:, None], first[:, None]
+  else:
+    _, (rest, later) = jax.lax.scan(body, (carry, tok, done), keys[1:])
+    ids = jnp.concatenate([tok[:, None], rest.T], axis=1)
+    all_logits = (jnp.concatenate([first[:, None], jnp.swapaxes(later, 0, 1)],
+                                  axis=1) if return_logits else None)
+  return (ids, all_logits) if return_logits else ids

@@ -169,8 +169,15 @@ def example_embedding(model: Model, base: dict, inputs: dict) -> jax.Array:
 
 @ROUTERS.register("retrieval")
 class RetrievalRouting(FixedRouter):
-  """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}."""
+  """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}.
+
+  Not KV-cached in decoding (cached_decoding = False): the expert is chosen
+  from every token of the row, generated ones included, so each new token
+  may change the expert of all earlier positions; greedy decoding recomputes
+  the forward instead.
+  """
   name = "retrieval"
+  cached_decoding = False
 
   def __init__(self, lora: LoRAMethod, impl: str = "auto") -> None:
     super().__init__(lora, top_k=1, impl=impl)
@@ -222,6 +229,7 @@ class PolyLoRA:
   """
   trainable = r"(skills|alloc)/.*"
   name = "poly"
+  cached_decoding = True  # per-example mixtures (mtjax.methods.transform)
 
   def __init__(self, lora: LoRAMethod, num_tasks: int, num_skills: int = 4,
                heads: int = 1) -> None:
@@ -283,7 +291,9 @@ class PolyLoRA:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (mtjax.methods.transform)."""
     task = inputs.get("adapter_index")
     inputs = transform.model_kwargs(inputs)
     alloc = params["alloc"] if task is not None else params["alloc_eval"]
@@ -292,7 +302,8 @@ class PolyLoRA:
         tree, lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task),
         None, rng, deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+                         deterministic=deterministic, method=method,
+                         decode=decode, cache=cache)
 
 
 def poly_eval_params(params: dict, task: Optional[int] = None) -> dict:

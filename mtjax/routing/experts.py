@@ -41,6 +41,7 @@ class GateTraining:
   """
   trainable = r"gate/.*"
   name = "phatgoose_gates"
+  cached_decoding = True  # per-token gates (mtjax.methods.transform)
 
   def __init__(self, lora: LoRAMethod, expert: Optional[dict] = None) -> None:
     self.lora = lora   # a mtjax.methods.lora.LoRA (rank, alpha, targets)
@@ -71,13 +72,16 @@ class GateTraining:
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
-            method: Union[str, Callable, None] = None) -> jax.Array:
+            method: Union[str, Callable, None] = None,
+            decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (mtjax.methods.transform)."""
     inputs = transform.model_kwargs(inputs)
     tree = merge_leaves(params["lora"], params["gate"])
     icpt = transform.linear_interceptor(tree, self.hook, None, rng,
                                         deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+                         deterministic=deterministic, method=method,
+                         decode=decode, cache=cache)
 
 
 def merge_leaves(*trees: dict) -> dict:

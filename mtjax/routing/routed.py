@@ -46,6 +46,10 @@ class RoutedLoRA:
   trainable = r"experts/.*/(weights)"
   name = "routed_lora"
   leaves: tuple = ()
+  # KV-cached decoding (mtjax.methods.transform) is exact: a token's route
+  # depends on its own hidden state (or on per-example inputs), which a
+  # decoding step computes as the full forward would.
+  cached_decoding = True
 
   def __init__(self, lora: LoRAMethod, top_k: int = 2, impl: str = "auto") -> None:
     if top_k < 1:
@@ -114,8 +118,13 @@ class RoutedLoRA:
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
             method: Union[str, Callable, None] = None,
-            records: Optional[dict] = None) -> jax.Array:
-    """Logits; when `records` is a dict it receives per-module routing."""
+            records: Optional[dict] = None, decode: Optional[str] = None,
+            cache: Optional[dict] = None) -> Any:
+    """Logits; when `records` is a dict it receives per-module routing.
+
+    decode/cache: KV-cached decoding, returning (logits, cache) (see
+    mtjax.methods.transform).
+    """
     example_weights = self.routing_inputs(inputs)
     inputs = transform.model_kwargs(inputs)
 
@@ -124,7 +133,8 @@ class RoutedLoRA:
     icpt = transform.linear_interceptor(params["experts"], hook, None, rng,
                                         deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
-                         deterministic=deterministic, method=method)
+                         deterministic=deterministic, method=method,
+                         decode=decode, cache=cache)
 
 
 @ROUTERS.register("phatgoose")

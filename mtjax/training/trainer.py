@@ -25,7 +25,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtjax import data
-from mtjax.models import hf, sharding
+from mtjax.models import gguf, hf, layers, sharding
 
 Model = Any  # a flax linen module (mtjax.models)
 Method = Any  # a method object (mtjax.methods / mtjax.routing)
@@ -34,21 +34,35 @@ Config = Any  # an ml_collections.ConfigDict
 
 # ----------------------------------------------------------------- models
 
-HF_EXCLUDE = ("hf_path", "arch", "dtype")
+HF_EXCLUDE = ("hf_path", "gguf_path", "arch", "dtype", "param_dtype")
 
 
 def build_model(model_config: Config, rng: jax.Array, mesh: Mesh) -> tuple:
-  """(model, base_params) from an HF folder or from config sizes, sharded."""
+  """(model, base_params) from an HF folder, a GGUF file or config sizes,
+  sharded (model_config.hf_path / gguf_path / arch + HF config fields).
+
+  `model_config.param_dtype` (default float32) is the dtype the base params
+  are stored in; `dtype` stays the compute dtype. An HF folder is read one
+  tensor at a time, converted and placed straight onto the mesh (hf.load).
+  """
+  param_dtype = model_config.get("param_dtype", "float32")
   if model_config.get("hf_path"):
-    model, params = hf.load(model_config.hf_path, dtype=model_config.dtype)
-    boxed = sharding.abstract_params(model, **hf.dummy_inputs(model.config))
-    return model, sharding.shard_params(params, boxed, mesh)
+    return hf.load(model_config.hf_path, dtype=model_config.dtype,
+                   param_dtype=param_dtype, mesh=mesh)
+  if model_config.get("gguf_path"):
+    return gguf.load(model_config.gguf_path, dtype=model_config.dtype,
+                     param_dtype=param_dtype, mesh=mesh)
   hf_dict = {k: v for k, v in model_config.items() if k not in HF_EXCLUDE}
   hf_dict["model_type"] = model_config.arch
   arch = hf.arch_module(model_config.arch)
   model = arch.Model(arch.config_from_hf(hf_dict, dtype=model_config.dtype))
   params = sharding.init_sharded(model, rng, mesh,
                                  **hf.dummy_inputs(model.config))
+  dt = layers.dtype_of(param_dtype)
+  if dt != jnp.float32:
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dt), p),
+                     out_shardings=jax.tree.map(lambda x: x.sharding, params))(
+                         params)
   return model, params
 
 
@@ -160,15 +174,23 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: dict,
 
 def init_state(tx: optax.GradientTransformation, trainable: dict,
                trainable_shardings: dict, mesh: Mesh) -> tuple:
-  """{'step', 'params', 'opt_state'} placed by the rules, and its shardings."""
+  """{'step', 'params', 'opt_state'} placed by the rules, and its shardings.
+
+  Trainable leaves stored below f32 (e.g. a base loaded with param_dtype
+  bfloat16) are trained as f32 copies, the optimizer's master weights: bf16
+  updates would round small steps away. Frozen leaves keep their dtype.
+  """
   opt_sh = opt_state_shardings(tx, trainable, trainable_shardings, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sh = {"step": replicated, "params": trainable_shardings,
               "opt_state": opt_sh}
-  state = jax.jit(
-      lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
-                 "opt_state": tx.init(p)},
-      out_shardings=state_sh)(trainable)
+
+  def init(p):
+    p = jax.tree.map(lambda v: v.astype(jnp.float32) if jnp.issubdtype(
+        v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32 else v, p)
+    return {"step": jnp.zeros((), jnp.int32), "params": p,
+            "opt_state": tx.init(p)}
+  state = jax.jit(init, out_shardings=state_sh)(trainable)
   return state, state_sh
 
 
