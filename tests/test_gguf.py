@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import mtjax.models
+from configs import zero_shot as zs_config
 from mtjax import data
 from mtjax.data import tasks
 from mtjax.evaluation import evaluate
+from mtjax.experiments import zero_shot
 from mtjax.methods import full
 from mtjax.models import gguf as gguf_lib
 from mtjax.models import sharding
@@ -203,3 +205,20 @@ def test_chat_template_task_option(shared_data):
     assert c["inputs"].endswith("<|im_start|>assistant\n")
     # After the assistant header the answer needs no leading space.
     assert [a.lstrip() for a in p["answer_choices"]] == c["answer_choices"]
+
+
+def test_zero_shot_job(tmp_path, shared_data):
+  del shared_data
+  config = zs_config.get_config("quick")
+  config.model.gguf_path = str(SMOLLM)
+  config.datasets, config.templates, config.max_examples = ("copa",), 1, 4
+  results = zero_shot.run(config, str(tmp_path))
+  tasks = [k for k in results if not k.startswith("average/")]
+  assert len(tasks) == 2 and "copa.plain" in tasks
+  for task in tasks:
+    r = results[task]
+    assert r["num_examples"] == 4 and r["truncated"] == 0 and r["chance"] == 0.5
+    assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
+    assert r["accuracy_norm_lo"] <= r["accuracy_norm"] <= r["accuracy_norm_hi"]
+  assert "accuracy_lo" not in results["average/plain"]
+  assert (tmp_path / "results.json").exists()

@@ -132,6 +132,10 @@ def run(config, workdir: str) -> dict:
             flush=True)
   groups = {k: v for k, v in groups.items() if v}
   results = results_lib.with_averages(results, groups)
+  for group in groups:  # a mean of interval bounds is not an interval
+    results[f"average/{group}"] = {
+        k: v for k, v in results[f"average/{group}"].items()
+        if not k.endswith(("_lo", "_hi"))}
   metrics = ["accuracy", "accuracy_lo", "accuracy_hi", "accuracy_norm",
              "accuracy_norm_lo", "accuracy_norm_hi", "chance", "num_examples",
              "truncated"]
