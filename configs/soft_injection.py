@@ -15,7 +15,11 @@ alpha_heatmap.png, head_overlap.{json,txt}, task_embeddings/<task>/.
 (main dispatches config.job == 'soft_injection' to
 mtjax.experiments.soft_injection.run_experiment).
 """
+import os
+
 import ml_collections
+
+from configs import common
 
 
 def get_config():
@@ -23,11 +27,19 @@ def get_config():
   c.job = "soft_injection"
   c.seed = 0
   c.vocab = "byte"
+  c.model_source = "testbed"  # or 'gguf' / 'hf' with c.model (a real LM)
   c.testbed = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=16, max_len=160, max_shots=4, remap_prob=0.5,
       learning_rate=3e-3, hidden=64, layers=4, heads=4, mlp=128))
   c.tasks = ()        # () = the suite's held-out tasks
   c.real_tasks = ()   # registered real tasks (mtjax.data), e.g. SuperGLUE
+  c.paper_tasks = ()  # the paper's tasks (folders of paper_tasks_dir)
+  c.paper_tasks_dir = os.path.join(common.data_dir(), "soft_injection_tasks")
+  # Paper tasks: exact match of the first line; True compares only the
+  # output's first len(target) characters, as the reference code does.
+  c.em_prefix = False
+  c.score_targets = True  # teacher-forced first-token accuracy and NLL
+  c.transfer = ()     # ((task, similar task, dissimilar task), ...)
   c.shots = (0, 5, 10)
   c.max_prompt_len = 512
   c.max_new_tokens = 17

@@ -65,7 +65,8 @@ def test_adding_an_expert_leaves_other_gates_untouched(trained, tmp_path):
   before = [jax.tree.map(np.array, e["gate"]) for e in lib["experts"]]
   stacked_before = jax.tree.map(np.array, ex.stack_library(lib))
   # Train one more expert and its gates the same way, then add it.
-  ctx2 = dataclasses.replace(ctx, held_in=["reverse"])
+  ctx2 = dataclasses.replace(ctx, held_in=["reverse"], experts=["reverse"],
+                             groups={**ctx.groups, "reverse": ["reverse"]})
   with sharding.use_mesh(ctx.mesh):
     extra = pg.train_library(ctx2, jax.random.key(9))
   grown = ex.add_expert(lib, "reverse", extra["experts"][0]["lora"],

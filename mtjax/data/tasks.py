@@ -306,13 +306,36 @@ class FileTask:
                  self.on_bad_row, self.on_empty_target))
 
 
+# Splits carved out of a dataset's validation file, for experiments that train
+# on some of a dataset and evaluate on the rest (the MC dev sets have no train
+# file): a row goes to 'val_test' when crc32('<line number>') % 5 == 0 (about
+# 20%), else to 'val_train'. The split depends on the line number only, so
+# every template of a dataset sees the same rows on the same side.
+DERIVED_SPLITS = ("val_train", "val_test")
+
+
+def in_derived_split(split: str, line: int) -> bool:
+  """Whether file line `line` of a validation file belongs to `split`."""
+  test = zlib.crc32(str(line).encode()) % 5 == 0
+  return test if split == "val_test" else not test
+
+
+def splits_of(task: "FileTask") -> List[str]:
+  """The task's file splits, plus DERIVED_SPLITS when it has 'validation'."""
+  splits = [s for s, _ in task.files]
+  return splits + (list(DERIVED_SPLITS) if "validation" in splits else [])
+
+
 def render(task: FileTask, split: str, max_rows: Optional[int] = None):
   """(examples, skipped Counter) for split; examples are suite-style dicts."""
-  path = dict(task.files)[split]
+  files = dict(task.files)
+  path = files["validation" if split in DERIVED_SPLITS else split]
   skipped = collections.Counter()
   examples = []
   rows = (_read_cached(task.reader, path) if task.on_bad_row == "error"
           else READERS[task.reader](path, task.on_bad_row, skipped))
+  if split in DERIVED_SPLITS:
+    rows = [(line, row) for line, row in rows if in_derived_split(split, line)]
   for line, row in rows[:max_rows]:
     where = f"{path}:{line}"
     try:
@@ -526,8 +549,8 @@ def register_file_task(task: FileTask, vocab, chat: bool = False) -> str:
 
   chat=True registers '<task>.chat': prompts in the chat template.
   """
-  splits = [s for s, _ in task.files]
-  source = InMemorySource(lambda split: _render_cached(task, split)[0], splits)
+  source = InMemorySource(lambda split: _render_cached(task, split)[0],
+                          splits_of(task))
   plain = task.name + (".chat" if chat else "")
   name = seqio_name(vocab, plain)
   add_task(name, plain, source, vocab, chat=chat)

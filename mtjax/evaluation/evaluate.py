@@ -457,10 +457,13 @@ def generation(greedy, model, params, examples, vocab, task, lengths,
   return result, preds
 
 
-def evaluate_task(fns, model, params, task, vocab, cfg, lengths, mesh):
+def evaluate_task(fns, model, params, task, vocab, cfg, lengths, mesh,
+                  return_correct: bool = False):
   """Metrics of one task (rank classification or generation) on its eval rows.
 
   fns: {'score': make_scorer(...), 'greedy': make_greedy(...)}.
+  return_correct: also return per-example correctness (N,) float (the
+  'accuracy' or 'exact_match' of each row), for bootstrap intervals.
   """
   examples = data.eval_examples(task, vocab, split=cfg.get("split",
                                                             "validation"),
@@ -476,10 +479,15 @@ def evaluate_task(fns, model, params, task, vocab, cfg, lengths, mesh):
     for fn in data.metric_fns(task, vocab):
       for k, v in fn(targets=targets, predictions=preds).items():
         metrics.setdefault(k, float(v))
-    return metrics
-  metrics, _ = generation(fns["greedy"], model, params, examples, vocab, task,
-                          lengths, cfg.max_new_tokens, cfg.batch_size, mesh)
-  return metrics
+    correct = np.array([ex["label"] == p for ex, p in zip(examples, pred,
+                                                          strict=True)], float)
+    return (metrics, correct) if return_correct else metrics
+  metrics, preds = generation(fns["greedy"], model, params, examples, vocab,
+                              task, lengths, cfg.max_new_tokens,
+                              cfg.batch_size, mesh)
+  correct = np.array([p.strip() == ex["targets"].strip()
+                      for p, ex in zip(preds, examples, strict=True)], float)
+  return (metrics, correct) if return_correct else metrics
 
 
 def evaluate_all(method, model, params, groups, vocab, cfg, lengths, mesh,

@@ -26,6 +26,35 @@ def bootstrap_ci(values, level: float = 0.95, resamples: int = 2000,
   return float(lo), float(hi)
 
 
+def median_of_templates(correct: dict, datasets: dict, level: float = 0.95,
+                        resamples: int = 2000, seed: int = 0) -> dict:
+  """T0's score per dataset, the median over its templates of the accuracy,
+  and the mean over datasets, each with a percentile bootstrap interval.
+
+  correct: {task: per-example 0/1 (N_task,)}; datasets: {dataset: [tasks]}
+  (its templates). Each resample redraws every template's examples; the
+  statistic is recomputed from the resampled accuracies.
+  Returns {dataset: (point, lo, hi)} and 'mean' -> (point, lo, hi).
+  """
+  rng = np.random.default_rng(seed)
+  boot, point = {}, {}
+  for name, tasks in datasets.items():
+    accs, draws = [], []
+    for t in tasks:
+      v = np.asarray(correct[t], np.float64)
+      accs.append(v.mean())
+      draws.append(v[rng.integers(0, v.size, (resamples, v.size))].mean(1))
+    point[name] = float(np.median(accs))
+    boot[name] = np.median(np.stack(draws), axis=0)
+  tail = (1 - level) / 2 * 100
+  out = {n: (point[n], *map(float, np.percentile(boot[n], [tail, 100 - tail])))
+         for n in datasets}
+  mean = np.mean(np.stack([boot[n] for n in datasets]), axis=0)
+  out["mean"] = (float(np.mean([point[n] for n in datasets])),
+                 *map(float, np.percentile(mean, [tail, 100 - tail])))
+  return out
+
+
 def with_averages(results, groups):
   """results plus 'average/<group>' rows; groups: {group: [task names]}."""
   out = dict(results)

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+import zlib
 from typing import Callable, Optional
 
 import jax
@@ -34,7 +35,9 @@ import numpy as np
 
 from mtjax import data, methods, routing
 from mtjax.data import suite
+from mtjax.data import tasks as tasks_lib
 from mtjax.evaluation import evaluate, plots
+from mtjax.evaluation import results as results_lib
 from mtjax.experiments.train import JOBS
 from mtjax.methods import lora as lora_lib
 from mtjax.methods.full import FullFineTuning
@@ -60,9 +63,13 @@ class Run:
   kind: str
   rng: jax.Array
   lengths: dict
-  held_in: list
-  held_out: list
+  held_in: list     # evaluation tasks of the held-in datasets
+  held_out: list    # evaluation tasks of the held-out datasets
   lora: object
+  # Datasets: {name: its evaluation tasks} (one promptsource template each;
+  # a suite task is its own dataset). One expert per held-in dataset.
+  groups: dict = dataclasses.field(default_factory=dict)
+  experts: list = dataclasses.field(default_factory=list)
   base: dict = None
   stacked: dict = None
   workdir: str = ""
@@ -70,6 +77,8 @@ class Run:
   plot: dict = dataclasses.field(default_factory=dict)
   # Trained params shared by several entries (Poly for poly/mhr/...), by key.
   trained: dict = dataclasses.field(default_factory=dict)
+  # Per-example correctness {row name: {task: (N,)}}, for the intervals.
+  correct: dict = dataclasses.field(default_factory=dict)
   start: float = dataclasses.field(default_factory=time.time)
 
   @property
@@ -77,8 +86,23 @@ class Run:
     return self.held_in + self.held_out
 
   @property
+  def num_experts(self) -> int:
+    return len(self.experts)
+
+  @property
   def own(self) -> dict:
-    return {t: i for i, t in enumerate(self.held_in)}
+    """{held-in dataset or task: index of its own expert}."""
+    out = {}
+    for i, name in enumerate(self.experts):
+      out.update({name: i, **{t: i for t in self.groups[name]}})
+    return out
+
+  def split_of(self, task: str) -> str:
+    """Evaluation split: held-in tasks use config.held_in_split when set
+    (rows their experts never saw), every other task config.eval.split."""
+    if task in self.held_in and self.config.get("held_in_split"):
+      return self.config.held_in_split
+    return self.config.eval.split
 
   def log(self, msg: str) -> None:
     print(f"[{time.time() - self.start:6.0f}s] {msg}", flush=True)
@@ -93,18 +117,27 @@ def setup(config) -> Run:
   reg = data.register(vocab)
   rng = jax.random.key(config.seed)
   model_cfg = config.model.copy_and_resolve_references()
-  if not model_cfg.get("hf_path") and not model_cfg.vocab_size:
+  if not (model_cfg.get("hf_path") or model_cfg.get("gguf_path")
+          or model_cfg.get("vocab_size")):
     model_cfg.vocab_size = vocab.vocab_size
   model, base = trainer.build_model(model_cfg, rng, mesh)
+  held_in = dataset_groups(reg, config.held_in or reg.held_in,
+                           config.get("templates", 0))
+  held_out = dataset_groups(reg, config.held_out or reg.held_out,
+                            config.get("templates", 0))
   run = Run(config=config, vocab=vocab, reg=reg, model=model, mesh=mesh,
             kind=trainer.model_kind(model), rng=rng,
             lengths={"inputs": config.data.inputs_length,
                      "targets": config.data.targets_length},
-            held_in=list(config.held_in or reg.held_in),
-            held_out=list(config.held_out or reg.held_out),
+            held_in=[t for ts in held_in.values() for t in ts],
+            held_out=[t for ts in held_out.values() for t in ts],
+            groups={**held_in, **held_out}, experts=list(held_in),
             lora=lora_lib.LoRA(rank=config.expert.rank,
                                alpha=config.expert.alpha,
                                targets=tuple(config.expert.targets)))
+  if len(set(run.tasks)) != len(run.tasks):
+    raise ValueError("config.held_in and config.held_out share tasks: "
+                     f"{sorted(set(run.held_in) & set(run.held_out))}")
   if config.base_steps:
     full = FullFineTuning()
     with sharding.use_mesh(mesh):
@@ -125,10 +158,47 @@ def optimizer(config, lr: float):
   return opt
 
 
+def dataset_groups(reg, names, templates: int = 0) -> dict:
+  """{name: evaluation tasks}: a real dataset (reg.real) -> its promptsource
+  template tasks (the first `templates`, 0 = all; its lm-eval '.plain'
+  format only when it has no template), anything else -> [itself]."""
+  out = {}
+  for name in names:
+    if name not in reg.real:
+      reg.seqio_name(name)   # a clear error for unknown names
+      out[name] = [name]
+      continue
+    tasks = [t for t in reg.real[name] if not t.endswith(".plain")]
+    tasks = tasks or list(reg.real[name])
+    out[name] = tasks[:templates] if templates else tasks
+  return out
+
+
+def train_source(run: Run, name: str) -> str:
+  """seqio name of the training data of a task, a dataset (its templates at
+  equal rates) or 'held_in' (every held-in dataset at an equal rate)."""
+  if name == "held_in":
+    members = {t: 1.0 / len(run.groups[d]) for d in run.experts
+               for t in run.groups[d]}
+  elif name in run.groups:
+    members = {t: 1.0 for t in run.groups[name]}
+  else:
+    return run.reg.seqio_name(name)
+  if len(members) == 1:
+    return run.reg.seqio_name(next(iter(members)))
+  # Named by its members: another run in this process may mix other tasks.
+  key = zlib.crc32(json.dumps(sorted(members.items())).encode())
+  return tasks_lib.add_mixture(
+      tasks_lib.seqio_name(run.vocab, f"phatgoose.{name}.{key:08x}"),
+      {run.reg.seqio_name(t): r for t, r in members.items()})
+
+
 def batches(run: Run, name: str, seed: int):
-  """Training batches of a task or mixture (has .task_names)."""
-  return data.train_batches(run.reg.seqio_name(name), run.vocab, run.lengths,
-                            run.config.batch_size, run.kind, seed=seed)
+  """Training batches (config.train_split) of a task, a dataset or the
+  held-in mixture (`train_source`); .task_names are seqio task names."""
+  return data.train_batches(train_source(run, name), run.vocab, run.lengths,
+                            run.config.batch_size, run.kind, seed=seed,
+                            split=run.config.get("train_split", "train"))
 
 
 def mixture(run: Run, seed: int) -> tuple:
@@ -159,13 +229,13 @@ def fit_method(run: Run, method, base, rng, lr: float, steps: int, it,
 
 
 def train_library(run: Run, rng) -> dict:
-  """One LoRA expert per held-in task, then its gates: the library."""
+  """One LoRA expert per held-in dataset, then its gates: the library."""
   cfg, lora = run.config, run.lora
   expert_fit = fit.Fitter(lora, run.model, run.mesh,
                           optimizer(cfg, cfg.expert_lr), cfg.expert_steps,
                           seed=cfg.seed)
   trained = []
-  for i, task in enumerate(run.held_in):
+  for i, task in enumerate(run.experts):
     p, loss = fit_method(run, lora, run.base, jax.random.fold_in(rng, i),
                          cfg.expert_lr, cfg.expert_steps,
                          batches(run, task, cfg.seed + i), fitter=expert_fit)
@@ -176,7 +246,7 @@ def train_library(run: Run, rng) -> dict:
                         optimizer(cfg, cfg.gate_lr), cfg.gate_steps,
                         seed=cfg.seed)
   library = ex.new_library()
-  for i, task in enumerate(run.held_in):
+  for i, task in enumerate(run.experts):
     gates.expert = trained[i]
     p, loss = fit_method(run, gates, run.base, rng, cfg.gate_lr,
                          cfg.gate_steps,
@@ -198,13 +268,16 @@ def eval_fns(run: Run, method) -> dict:
 
 def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
                     tasks: list, fns: Optional[dict] = None) -> dict:
-  """{task: metrics} with one compiled scorer/greedy for all tasks."""
+  """{task: metrics} with one compiled scorer/greedy for all tasks; each
+  task's per-example correctness goes to run.correct[name]."""
   fns = fns or eval_fns(run, method)
-  res = {}
+  res, correct = {}, run.correct.setdefault(name, {})
   for task in tasks:
-    res[task] = evaluate.evaluate_task(
-        fns, run.model, params_for_task(task), task, run.vocab,
-        run.config.eval, run.lengths, run.mesh)
+    cfg = run.config.eval.copy_and_resolve_references()
+    cfg.split = run.split_of(task)
+    res[task], correct[task] = evaluate.evaluate_task(
+        fns, run.model, params_for_task(task), task, run.vocab, cfg,
+        run.lengths, run.mesh, return_correct=True)
   run.log(f"[{name}] " + " ".join(f"{t}={headline(m):.3f}"
                                   for t, m in res.items()))
   return res
@@ -217,27 +290,53 @@ def headline(metrics: dict) -> float:
   return float(next(iter(metrics.values())))
 
 
-def eval_inputs(run: Run, task: str, max_examples: int) -> tuple:
-  """Teacher-forced model-input batches of a task's eval examples."""
-  cfg = run.config
-  exs = data.eval_examples(task, run.vocab, split=cfg.eval.split,
-                           max_examples=max_examples)
-  rows = [(e["input_ids"], e["target_ids"]) for e in exs]
-  bs = cfg.eval.batch_size
+def input_batches(run: Run, examples: list, prompts_only: bool = False,
+                  method=None) -> list:
+  """Model-input batches (fixed shape: one compile) of eval examples.
+
+  Teacher-forced rows (input_ids + target_ids), or with prompts_only the
+  prompts alone, unlabeled: no target token reaches the model, and the masks
+  cover the prompt only (decoder-only: seqio's start slot and the prompt; T5:
+  the encoder's prompt and the decoder's start slot, the one decoder position
+  that exists before any target). A method naming a `prompt_end_input`
+  (retrieval) gets each decoder-only row's last prompt position there, as
+  the trainer's token_scores gives it.
+  """
+  bs = run.config.eval.batch_size
+  rows = [(e["input_ids"], [] if prompts_only else e["target_ids"])
+          for e in examples]
+  key = getattr(method, "prompt_end_input", None)
   out = []
   for start in range(0, len(rows), bs):
     chunk = rows[start:start + bs]
     chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed shape, one compile
-    batch = evaluate.score_rows(chunk, run.kind, run.lengths)
-    out.append(data.model_inputs(batch, run.kind))
-  return out, len(rows)
+    batch = evaluate.score_rows(chunk, run.kind, run.lengths,
+                                pad_id=data.pad_token_id(run.vocab),
+                                lm=data.lm_format(run.vocab))
+    if prompts_only and run.kind == "encoder_decoder":
+      batch["decoder_mask"] = np.zeros_like(batch["decoder_mask"])
+      batch["decoder_mask"][:, 0] = 1
+    inputs = data.model_inputs(batch, run.kind)
+    if key and run.kind == "decoder":
+      inputs[key] = np.asarray(trainer.prompt_ends(method, batch))
+    out.append(inputs)
+  return out
+
+
+def eval_inputs(run: Run, task: str, max_examples: int,
+                prompts_only: bool = False, method=None) -> tuple:
+  """(model-input batches of a task's eval examples, number of examples):
+  teacher-forced, or the prompts alone (`input_batches`)."""
+  exs = data.eval_examples(task, run.vocab, split=run.split_of(task),
+                           max_examples=max_examples)
+  return input_batches(run, exs, prompts_only, method), len(exs)
 
 
 class Recorder:
   """Per-module routing records of a routed method (compiled once)."""
 
   def __init__(self, run: Run, method):
-    self.run = run
+    self.run, self.method = run, method
 
     def records(p, inp):
       rec = {}
@@ -245,13 +344,26 @@ class Recorder:
       return rec
     self.fn = jax.jit(records)
 
-  def __call__(self, params, task: str, max_examples: int) -> tuple:
+  def __call__(self, params, task: str, max_examples: int,
+               prompts_only: bool = False) -> tuple:
     """([(records, inputs)] per eval batch, number of real rows)."""
-    out = []
-    inputs, n = eval_inputs(self.run, task, max_examples)
-    for inp in inputs:
-      out.append((jax.device_get(self.fn(params, inp)), jax.device_get(inp)))
-    return out, n
+    exs = data.eval_examples(task, self.run.vocab,
+                             split=self.run.split_of(task),
+                             max_examples=max_examples)
+    return self.records(params, exs, prompts_only), len(exs)
+
+  def records(self, params, examples: list, prompts_only: bool = False
+              ) -> list:
+    """[(records, inputs)] per batch of `examples` (`input_batches`), cut
+    to the real rows (the last batch's padding copies are dropped)."""
+    out, bs = [], self.run.config.eval.batch_size
+    for i, inp in enumerate(input_batches(self.run, examples, prompts_only,
+                                          self.method)):
+      m = min(bs, len(examples) - i * bs)
+      rec = jax.tree.map(lambda x, m=m: np.asarray(x)[:m],
+                         jax.device_get(self.fn(params, inp)))
+      out.append((rec, {k: np.asarray(v)[:m] for k, v in inp.items()}))
+    return out
 
 
 def diagnostics(run: Run, recorder: Recorder, params_for_task: Callable,
@@ -363,13 +475,12 @@ def token_router_step(run: Run, entry: dict) -> dict:
   res = evaluate_method(run, name, router, lambda t: p, run.tasks)
   if kind in ("phatgoose", "arrow"):
     recorder = Recorder(run, router)
-    num_e = len(run.held_in)
     run.diagnostics[name], loads = diagnostics(run, recorder, lambda t: p,
-                                               run.tasks, num_e)
+                                               run.tasks, run.num_experts)
     if kind == "phatgoose":
-      composing_share(run.diagnostics[name], loads, run.held_in, run.held_out)
+      composing_share(run.diagnostics[name], loads, run.experts, run.held_out)
       run.plot["path"] = plots.plot_routing(
-          {t: loads[t] for t in run.held_out}, run.held_in,
+          {t: loads[t] for t in run.held_out}, run.experts,
           os.path.join(run.workdir, "routing_held_out.png"),
           "PHATGOOSE: share of routed tokens per expert, by layer")
       save_choices(run, recorder, lambda t: p, run.tasks,
@@ -383,27 +494,36 @@ for _kind in ("phatgoose", "arrow", "uniform", "merged"):
 
 @STEPS.register("oracle")
 def oracle_step(run: Run, entry: dict) -> dict:
-  """Held-in: the task's own expert; held-out: the best single expert,
-  chosen with the labels (an upper bound)."""
-  num_e, own = len(run.held_in), run.own
+  """Held-in: the dataset's own expert; held-out: the single expert with the
+  best median over the dataset's templates, chosen with the labels (an
+  upper bound)."""
+  num_e, own, name = run.num_experts, run.own, entry["name"]
   router, _ = routed(run, "fixed", dict(entry, top_k=1),
                      weights=np.ones(num_e))
 
   def with_w(w):
     return routing.routed_params(run.base, run.stacked, router, weights=w)
   fns = eval_fns(run, router)
-  res = evaluate_method(run, entry["name"], router,
+  res = evaluate_method(run, name, router,
                         lambda t: with_w(rb.one_hot(own[t], num_e)),
                         run.held_in, fns)
-  for t in run.held_out:
+  for d, tasks in run.groups.items():
+    if d in run.experts:
+      continue
     best = None
-    for e in range(num_e):
-      r = evaluate_method(run, f"expert {run.held_in[e]} on {t}", router,
-                          lambda _, e=e: with_w(rb.one_hot(e, num_e)), [t],
-                          fns)[t]
-      if best is None or headline(r) > headline(best):
-        best = dict(r, expert=run.held_in[e])
-    res[t] = best
+    for e, expert in enumerate(run.experts):
+      label = f"expert {expert} on {d}"
+      r = evaluate_method(run, label, router,
+                          lambda _, e=e: with_w(rb.one_hot(e, num_e)), tasks,
+                          fns)
+      score = float(np.median([headline(r[t]) for t in tasks]))
+      if best is None or score > best[0]:
+        best = (score, expert, r, run.correct.pop(label))
+      else:
+        run.correct.pop(label)
+    for t in tasks:
+      res[t] = dict(best[2][t], expert=best[1])
+      run.correct[name][t] = best[3][t]
   return res
 
 
@@ -424,32 +544,61 @@ def task_gate_step(run: Run, entry: dict) -> dict:
                          run.tasks)
 
 
+def task_avg_weights(recorder: Recorder, params: dict, examples: list,
+                     num_experts: int, top_k: int) -> dict:
+  """{module path: (E,)} task-level PHATGOOSE weights of a task.
+
+  Muqeeth et al. 2024 (arXiv:2402.05859): PHATGOOSE's routing (`recorder`,
+  of a phatgoose router with `params`) over the task's unlabeled inputs --
+  the prompts of `examples` alone, never their gold targets -- averaged over
+  their tokens, top k kept (rb.task_level_weights).
+  """
+  recs = recorder.records(params, examples, prompts_only=True)
+  return rb.task_level_weights([r for r, _ in recs], [i for _, i in recs],
+                               num_experts, top_k)
+
+
 @STEPS.register("task_avg")
 def task_avg_step(run: Run, entry: dict) -> dict:
-  """PHATGOOSE's routing averaged over a task's inputs: one fixed top-k
-  mixture per module and task."""
-  cfg, num_e = run.config, len(run.held_in)
+  """PHATGOOSE's routing averaged over a task's prompts (`task_avg_weights`):
+  one fixed top-k mixture per module and task."""
+  cfg, num_e = run.config, run.num_experts
   top_k = entry.get("top_k", cfg.top_k)
   scorer, scorer_params = routed(run, "phatgoose", dict(top_k=top_k))
   recorder = Recorder(run, scorer)
   router, _ = routed(run, "fixed", dict(top_k=top_k), weights=np.ones(num_e))
 
   def task_params(t):
-    recs, _ = recorder(scorer_params, t, cfg.diagnostics_examples)
-    w = rb.task_level_weights([r for r, _ in recs], [i for _, i in recs],
-                              num_e, top_k)
+    exs = data.eval_examples(t, run.vocab, split=run.split_of(t),
+                             max_examples=cfg.diagnostics_examples)
+    w = task_avg_weights(recorder, scorer_params, exs, num_e, top_k)
     return routing.routed_params(run.base, run.stacked, router, weights=w)
   return evaluate_method(run, entry["name"], router, task_params, run.tasks)
 
 
+def prompt_inputs(run: Run, method, host: dict) -> dict:
+  """Model inputs of a training batch, with each decoder-only row's last
+  prompt position under the method's `prompt_end_input` (as token_scores)."""
+  inputs = data.model_inputs(host, run.kind)
+  key = getattr(method, "prompt_end_input", None)
+  if key and run.kind == "decoder":
+    inputs[key] = trainer.prompt_ends(method, host)
+  return inputs
+
+
 @STEPS.register("retrieval")
 def retrieval_step(run: Run, entry: dict) -> dict:
-  cfg, num_e = run.config, len(run.held_in)
-  router = rb.RetrievalRouting(run.lora, impl=cfg.impl)
+  """Retrieval by prompt centroids (rb.RetrievalRouting): each expert's
+  centroid pools the prompts of `retrieval_batches` of its training batches;
+  an example is routed once, from its prompt (KV-cached decoding on
+  decoder-only models)."""
+  cfg, num_e = run.config, run.num_experts
+  router = rb.RetrievalRouting(run.lora, impl=cfg.impl,
+                               cached_decoding=run.kind == "decoder")
   per_expert = []
-  for i, t in enumerate(run.held_in):
+  for i, t in enumerate(run.experts):
     it = batches(run, t, cfg.seed + 5000 + i)
-    per_expert.append([data.model_inputs(next(it), run.kind)
+    per_expert.append([prompt_inputs(run, router, next(it))
                        for _ in range(cfg.retrieval_batches)])
   cen = rb.centroids(run.model, run.base, per_expert)
   p = dict(routing.routed_params(run.base, run.stacked, router,
@@ -473,9 +622,16 @@ def poly_step(run: Run, entry: dict) -> dict:
   poly = rb.PolyLoRA(run.lora, len(poly_tasks), cfg.poly.num_skills, heads)
   key = f"poly heads={heads}"
   if key not in run.trained:   # poly/mhr/mhr_mu/mhr_z share one training
+    # dropout=True gives the step an rng: PolyLoRA samples its allocation
+    # (relaxed Bernoulli) with it; the base model still runs deterministic
+    # (PolyLoRA's model_dropout=False), like the experts' training.
+    poly_fit = fit.Fitter(poly, run.model, run.mesh,
+                          optimizer(cfg, cfg.expert_lr), cfg.poly.steps,
+                          num_tasks=len(poly_tasks), seed=cfg.seed,
+                          dropout=True)
     run.trained[key], loss = fit_method(
         run, poly, run.base, jax.random.fold_in(run.rng, 3), cfg.expert_lr,
-        cfg.poly.steps, it, by_task=True)
+        cfg.poly.steps, it, by_task=True, fitter=poly_fit)
     run.log(f"{'poly' if heads == 1 else 'mhr'}: {cfg.poly.steps} steps, "
             f"loss {loss:.3f}")
   params = run.trained[key]
@@ -499,14 +655,17 @@ def alloc_fitter(run: Run, poly, params) -> Callable:
   """MHR-z: task -> params with only 'alloc_eval' fitted on the task's
   training data (few-shot, not zero-shot)."""
   cfg = run.config
-  zpoly = type(poly)(poly.lora, poly.num_tasks, poly.num_skills, poly.heads)
+  zpoly = type(poly)(poly.lora, poly.num_tasks, poly.num_skills, poly.heads,
+                     poly.temperature)
   zpoly.trainable = r"alloc_eval/.*"
   flat = trainer.flatten(rb.poly_eval_params(params, None))
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())
   flat_sh = {k: getattr(v, "sharding", replicated) for k, v in flat.items()}
+  # dropout=True: the allocation is sampled while it is fitted (as in Poly's
+  # training); the base model runs deterministic (PolyLoRA.model_dropout).
   fitter = fit.Fitter(zpoly, run.model, run.mesh, optimizer(cfg, cfg.poly.z_lr),
-                      cfg.poly.z_steps, seed=cfg.seed)
+                      cfg.poly.z_steps, seed=cfg.seed, dropout=True)
 
   def fit_task(task):
     return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000))[0]
@@ -562,26 +721,36 @@ def run_entries(run: Run, entries: list, continue_on_error: bool = False
 
 # -------------------------------------------------------------------- run
 
-def table(results: dict, held_in: list, held_out: list) -> tuple:
-  """Text table (rows methods, columns tasks + averages) and averages dict."""
-  tasks = held_in + held_out
-  cols = tasks + ["avg_held_in", "avg_held_out"]
-  rows, avgs = [], {}
+def table(run: Run, results: dict) -> tuple:
+  """Text table (rows methods; columns datasets, held-in and held-out means)
+  and {row: {dataset or mean: [point, lo, hi]}}.
+
+  A dataset's score is the median over its templates (T0); intervals are
+  95% bootstrap intervals over the evaluated examples
+  (results_lib.median_of_templates).
+  """
+  groups_in = {d: run.groups[d] for d in run.experts}
+  groups_out = {d: ts for d, ts in run.groups.items() if d not in groups_in}
+  cols = list(groups_in) + list(groups_out) + ["held_in", "held_out"]
+  scores = {}
   for name, res in results.items():
-    vals = {t: headline(res[t]) for t in tasks if t in res}
-    hi = [vals[t] for t in held_in if t in vals]
-    ho = [vals[t] for t in held_out if t in vals]
-    vals["avg_held_in"] = float(np.mean(hi)) if hi else float("nan")
-    vals["avg_held_out"] = float(np.mean(ho)) if ho else float("nan")
-    avgs[name] = {"held_in": vals["avg_held_in"],
-                  "held_out": vals["avg_held_out"]}
-    rows.append((name, vals))
-  short = [c[:9] for c in cols]
-  lines = ["method".ljust(12) + " ".join(s.rjust(9) for s in short)]
-  for name, vals in rows:
-    lines.append(name.ljust(12) + " ".join(
-        f"{vals.get(c, float('nan')):9.3f}" for c in cols))
-  return "\n".join(lines), avgs
+    correct = run.correct.get(name, {})
+    row = {}
+    for label, groups in (("held_in", groups_in), ("held_out", groups_out)):
+      groups = {d: ts for d, ts in groups.items()
+                if all(t in res and t in correct for t in ts)}
+      if groups:
+        ci = results_lib.median_of_templates(correct, groups)
+        row.update({d: list(v) for d, v in ci.items() if d != "mean"})
+        row[label] = list(ci["mean"])
+    scores[name] = row
+  width = max([len(n) for n in results] + [6]) + 1
+  lines = ["method".ljust(width) + " ".join(c[:17].rjust(17) for c in cols)]
+  for name, row in scores.items():
+    lines.append(name.ljust(width) + " ".join(
+        (f"{row[c][0]:.3f} [{row[c][1]:.2f},{row[c][2]:.2f}]"
+         if c in row else "-").rjust(17) for c in cols))
+  return "\n".join(lines), scores
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -624,20 +793,24 @@ def run(config, workdir: str) -> dict:
   with sharding.use_mesh(r.mesh):
     lib_dir = config.get("library_dir") or os.path.join(workdir, "library")
     if config.get("library_dir") and os.path.isdir(lib_dir):
-      library = ex.load_library(lib_dir, r.held_in)   # base must match
-      r.log(f"loaded {len(r.held_in)} experts with gates from {lib_dir}")
+      library = ex.load_library(lib_dir, r.experts)   # base must match
+      r.log(f"loaded {r.num_experts} experts with gates from {lib_dir}")
     else:
       library = train_library(r, jax.random.fold_in(r.rng, 1))
       ex.save_library(library, lib_dir, r.lora)
       r.log(f"library written to {lib_dir}")
     r.stacked = ex.stack_library(library)
-    r.log(f"library: {len(r.held_in)} experts, {size_mb(r.stacked):.1f} MB "
+    r.log(f"library: {r.num_experts} experts, {size_mb(r.stacked):.1f} MB "
           f"({time.time() - r.start:.0f}s so far)")
     results, errors = run_entries(r, entries,
                                   config.get("continue_on_error", False))
-  text, avgs = table(results, r.held_in, r.held_out)
-  out = {"results": results, "averages": avgs, "diagnostics": r.diagnostics,
-         "errors": errors, "experts": r.held_in, "held_out": r.held_out,
+  text, scores = table(r, results)
+  out = {"results": results, "scores": scores,
+         "averages": {n: {k: v[k][0] for k in ("held_in", "held_out")
+                          if k in v} for n, v in scores.items()},
+         "diagnostics": r.diagnostics, "correct": r.correct,
+         "errors": errors, "experts": r.experts, "groups": r.groups,
+         "held_out": r.held_out,
          "library_mb": size_mb(r.stacked),
          "seconds": time.time() - r.start}
   with open(os.path.join(workdir, "phatgoose_results.json"), "w") as f:
@@ -649,7 +822,7 @@ def run(config, workdir: str) -> dict:
 def report(r: Run, text: str, errors: dict) -> None:
   """Prints the table and the PHATGOOSE routing diagnostics."""
   r.log("\n" + text)
-  num_e = len(r.held_in)
+  num_e = r.num_experts
   diag = r.diagnostics.get("phatgoose")
   if diag:
     r.log("PHATGOOSE own-expert top-1 rate per layer (held-in; chance "

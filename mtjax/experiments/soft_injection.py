@@ -21,6 +21,7 @@ the models are tiny and alpha is fitted with batch size 1.
 import dataclasses
 import json
 import os
+import resource
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,10 +34,11 @@ import numpy as np
 from mtjax import data, methods
 from mtjax.data import suite
 from mtjax.evaluation import analysis
+from mtjax.evaluation.results import bootstrap_ci
 from mtjax.experiments.train import JOBS
 from mtjax.methods import prompt_tuning
 from mtjax.methods import soft_injection as si
-from mtjax.models import decoder, hf, sharding
+from mtjax.models import decoder, gguf, hf, sharding
 from mtjax.training import fit, trainer
 
 
@@ -202,6 +204,105 @@ def train_testbed(vocab, *, tasks=None, steps=600, batch_size=32, max_len=256,
 
 
 # ------------------------------------------------------ prompts and scoring --
+# A PromptFormat turns a task's examples into token ids and reads answers back.
+# Two exist: the test bed's 'x\ny\n\n' byte format (`byte_format`) and the
+# paper's 'Q: x\nA: y\n\n' format for a pretrained LM (`paper_format`). The
+# prompt functions below also take a plain `encode` (text -> ids): it means
+# the byte format with that encoder.
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+  """prompt(demos, query) -> prompt ids; target(example) -> ids the model
+  should continue the prompt with (the answer and its line end); answer(ids
+  (T,)) -> the answer text of generated ids; correct(answer, example) ->
+  bool; stop_ids: the tokens that end generation."""
+  prompt: Callable[[list, dict], list]
+  target: Callable[[dict], list]
+  answer: Optional[Callable[[Any], str]] = None
+  correct: Optional[Callable[[str, dict], bool]] = None
+  stop_ids: tuple = ()
+
+
+def byte_format(encode, vocab=None):
+  """The test bed's format: 'x1\\ny1\\n\\n...x\\n' then 'y\\n'; exact match of
+  the stripped answer (answer/correct need `vocab`)."""
+  stop = encode("\n")[0]
+  answer = None if vocab is None else (
+      lambda ids: decode_answer(vocab, ids, stop))
+  return PromptFormat(
+      prompt=lambda demos, q: encode(suite.render_few_shot(demos, q) + "\n"),
+      target=lambda ex: encode(ex["targets"] + "\n"), answer=answer,
+      correct=lambda a, ex: a == ex["targets"].strip(), stop_ids=(stop,))
+
+
+def as_format(fmt):
+  """A PromptFormat, or a plain encode function (-> `byte_format(encode)`)."""
+  return fmt if isinstance(fmt, PromptFormat) else byte_format(fmt)
+
+
+def paper_prompt(demos, query):
+  """The paper's prompt text: 'Q: {input}\\nA: {output}\\n\\n' per
+  demonstration, then 'Q: {input}\\nA:'."""
+  shots = "".join(f"Q: {d['inputs']}\nA: {d['targets']}\n\n" for d in demos)
+  return shots + f"Q: {query['inputs']}\nA:"
+
+
+def paper_normalize(text, task):
+  """The reference evaluation's normalisation (Soft_Injection eval.py): 'St.'
+  read as 'Saint', the first line, cut at '(', stripped, lower-cased except
+  for the capitalize* / lowercase* tasks."""
+  text = text.replace("St.", "Saint").split("\n")[0].split("(")[0].strip()
+  keep_case = "capitalize" in task.lower() or "lowercase" in task.lower()
+  return text if keep_case else text.lower()
+
+
+def paper_match(output, target, task, prefix=True):
+  """Exact match after `paper_normalize`. prefix=True compares the output's
+  first len(target) characters, as the reference code does (so 'colder'
+  matches 'cold'); prefix=False needs the whole line to be equal."""
+  out, tgt = paper_normalize(output, task), paper_normalize(target, task)
+  return (out[:len(tgt)] if prefix else out) == tgt
+
+
+_NEWLINE_IDS = {}
+
+
+def newline_ids(vocab):
+  """Ids of every token whose text contains '\\n' (BPE merges '\\n' into
+  other tokens), cached per vocabulary."""
+  key = id(vocab)
+  if key not in _NEWLINE_IDS:
+    _NEWLINE_IDS[key] = tuple(i for i in range(vocab.vocab_size)
+                              if "\n" in vocab.decode([i]))
+  return _NEWLINE_IDS[key]
+
+
+def first_line(vocab, ids, stop_ids, eos_ids=()):
+  """Generated ids -> their text up to the first line end (cut at the first
+  stop token; an EOS token itself is not decoded), stripped."""
+  ids = [int(i) for i in ids]
+  stops = set(stop_ids)
+  cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+  keep = ids[:cut] if cut == len(ids) or ids[cut] in eos_ids else ids[:cut + 1]
+  return vocab.decode(keep).split("\n")[0].strip()
+
+
+def paper_format(vocab, task, prefix=True):
+  """The paper's format for a BPE vocabulary: the whole prompt string encoded
+  at once (after the BOS token if the vocabulary has one), the target ' y\\n'
+  (the space after 'A:' belongs to the answer's first token), generation
+  stopped at any token containing '\\n' or EOS, the first line scored by
+  `paper_match`."""
+  bos = [vocab.bos_id] if getattr(vocab, "bos_id", None) is not None else []
+  eos = () if vocab.eos_id is None else (int(vocab.eos_id),)
+  stops = tuple(sorted(set(newline_ids(vocab)) | set(eos)))
+  return PromptFormat(
+      prompt=lambda demos, q: bos + vocab.encode(paper_prompt(demos, q)),
+      target=lambda ex: vocab.encode(" " + ex["targets"] + "\n"),
+      answer=lambda ids: first_line(vocab, ids, stops, eos),
+      correct=lambda a, ex: paper_match(a, ex["targets"], task, prefix),
+      stop_ids=stops)
 
 
 def left_pad(rows, pad_id=0, multiple=32):
@@ -219,35 +320,36 @@ def left_pad(rows, pad_id=0, multiple=32):
   return ids, mask
 
 
-def render(demos, query, encode, max_len):
-  """Ids of 'x1\\ny1\\n\\n...xk\\nyk\\n\\nx\\n', dropping first demos to fit max_len."""
-  demos = list(demos)
+def render(demos, query, fmt, max_len):
+  """Prompt ids of demos + query (`as_format(fmt)`), dropping first demos to
+  fit max_len."""
+  fmt, demos = as_format(fmt), list(demos)
   while True:
-    ids = encode(suite.render_few_shot(demos, query) + "\n")
+    ids = fmt.prompt(demos, query)
     if len(ids) <= max_len or not demos:
       return ids[-max_len:]
     demos = demos[1:]
 
 
-def few_shot_prompts(train, queries, k, seed, encode, max_len):
+def few_shot_prompts(train, queries, k, seed, fmt, max_len):
   """One prompt per query with k demonstrations sampled from train (not the query)."""
   rng = np.random.default_rng(seed)
   out = []
   for q in queries:
     pool = [i for i in rng.permutation(len(train))[:k + 1]
             if train[i]["inputs"] != q["inputs"]][:k]
-    out.append(render([train[i] for i in pool], q, encode, max_len))
+    out.append(render([train[i] for i in pool], q, fmt, max_len))
   return out
 
 
-def embedding_prompts(train, num_prompts, num_shots, seed, encode, max_len):
+def embedding_prompts(train, num_prompts, num_shots, seed, fmt, max_len):
   """M prompts of N demonstrations + a held query from `train` (as the paper)."""
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(num_prompts):
     idx = rng.choice(len(train), size=min(num_shots + 1, len(train)),
                      replace=False)
-    rows.append(render([train[i] for i in idx[1:]], train[idx[0]], encode,
+    rows.append(render([train[i] for i in idx[1:]], train[idx[0]], fmt,
                        max_len))
   ids, mask = left_pad(rows)
   return {"input_ids": ids, "attention_mask": mask}
@@ -263,7 +365,7 @@ def decode_answer(vocab, ids, stop_id):
 def timed_generation(gen_fn, prompts, batch_size):
   """Runs gen_fn(ids, mask) over left-padded batches; -> (outputs, s/example).
 
-  Compilation is excluded: every distinct batch shape is run once first.
+  Compilation is excluded: each distinct batch shape is run once first.
   Prompts are bucketed by length (sorted) to limit padding, identically for
   every method.
   """
@@ -274,7 +376,8 @@ def timed_generation(gen_fn, prompts, batch_size):
     rows = [prompts[i] for i in idx]
     rows += [rows[-1]] * (batch_size - len(rows))  # fixed batch shape
     batches.append((idx, left_pad(rows)))
-  for _, (ids, mask) in batches:  # compile every shape
+  shapes = {ids.shape: (ids, mask) for _, (ids, mask) in batches}
+  for ids, mask in shapes.values():  # compile every shape
     jax.block_until_ready(gen_fn(ids, mask))
   outs = [None] * len(prompts)
   start = time.perf_counter()
@@ -288,10 +391,56 @@ def timed_generation(gen_fn, prompts, batch_size):
   return outs, seconds / len(prompts)
 
 
-def exact_match(vocab, outputs, examples, stop_id):
-  preds = [decode_answer(vocab, o, stop_id) for o in outputs]
-  return float(np.mean([p == ex["targets"].strip()
-                        for p, ex in zip(preds, examples, strict=True)])), preds
+def exact_match(fmt, outputs, examples):
+  """-> (mean, per-example correct (N,) float, answers) under `fmt`."""
+  preds = [fmt.answer(o) for o in outputs]
+  correct = np.asarray([fmt.correct(p, ex)
+                        for p, ex in zip(preds, examples, strict=True)],
+                       np.float64)
+  return float(correct.mean()), correct, preds
+
+
+def scoring_batch(prompts, examples, fmt):
+  """Right-padded prompt + target rows for teacher-forced scoring.
+
+  -> dict input_ids, attention_mask (B, T), weights (B, T) on the target
+  tokens, position (B,) of each prompt's last token.
+  """
+  fmt = as_format(fmt)
+  rows, pos, spans = [], [], []
+  for p, ex in zip(prompts, examples, strict=True):
+    y = fmt.target(ex)
+    rows.append(list(p) + y)
+    pos.append(len(p) - 1)
+    spans.append((len(p), len(p) + len(y)))
+  t = -(-max(len(r) for r in rows) // 32) * 32
+  ids = np.zeros((len(rows), t), np.int32)
+  w = np.zeros((len(rows), t), np.float32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for i, (r, (a, b)) in enumerate(zip(rows, spans, strict=True)):
+    ids[i, :len(r)] = r
+    mask[i, :len(r)] = 1
+    w[i, a:b] = 1.0
+  return {"input_ids": ids, "attention_mask": mask, "weights": w,
+          "position": np.asarray(pos, np.int32)}
+
+
+def target_scores(logit_fn, batch, batch_size):
+  """logit_fn(ids, mask, positions) -> logits; returns per-example
+  (target NLL per token, first-token correct) over teacher-forced rows."""
+  nll, first = [], []
+  n = len(batch["input_ids"])
+  for s in range(0, n, batch_size):
+    sl = slice(s, s + batch_size)
+    ids, w, pos = batch["input_ids"][sl], batch["weights"][sl], batch["position"][sl]
+    logits = np.asarray(logit_fn(ids, batch["attention_mask"][sl], pos),
+                        np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    tok = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    nll.extend(-(tok * w[:, 1:]).sum(1) / w[:, 1:].sum(1))
+    r = np.arange(len(ids))
+    first.extend(logits[r, pos].argmax(-1) == ids[r, pos + 1])
+  return np.asarray(nll), np.asarray(first, np.float64)
 
 
 # ------------------------------------------------ fitting alpha and prompts --
@@ -343,11 +492,12 @@ def fit_best(fitter: fit.Fitter, flat: dict, flat_sh: dict,
                    best_val_loss=best["loss"], history=history)
 
 
-def first_token_batch(examples, encode, max_len):
-  """Left-padded zero-shot prompts + their first target token (fit_alpha)."""
-  ids, mask = left_pad([render([], ex, encode, max_len) for ex in examples])
-  first = np.asarray([encode(ex["targets"] + "\n")[0] for ex in examples],
-                     np.int32)
+def first_token_batch(examples, fmt, max_len):
+  """Left-padded zero-shot prompts + their first target token (fit_alpha);
+  fmt: a PromptFormat or an encode function (`as_format`)."""
+  fmt = as_format(fmt)
+  ids, mask = left_pad([render([], ex, fmt, max_len) for ex in examples])
+  first = np.asarray([fmt.target(ex)[0] for ex in examples], np.int32)
   return {"input_ids": ids, "attention_mask": mask, "first_target": first,
           "task_index": np.zeros((len(examples),), np.int32)}
 
@@ -402,12 +552,13 @@ def prompt_prefill(model, params, input_ids, attention_mask, extra,
   return logits[:, -1], mut["cache"]
 
 
-def target_batch(examples, encode, max_len):
-  """Right-padded zero-shot prompt + 'y\\n', loss on 'y\\n' -> `lm_batch`."""
+def target_batch(examples, fmt, max_len):
+  """Right-padded zero-shot prompt + target, loss on the target -> `lm_batch`."""
+  fmt = as_format(fmt)
   rows, weights = [], []
   for ex in examples:
-    a = render([], ex, encode, max_len)
-    b = encode(ex["targets"] + "\n")
+    a = render([], ex, fmt, max_len)
+    b = fmt.target(ex)
     rows.append(a + b)
     weights.append([0] * len(a) + [1] * len(b))
   t = max(len(r) for r in rows)
@@ -445,83 +596,218 @@ def fit_prompt(model, params, train, val, *, length=10, steps=400,
 
 
 # --------------------------------------------------------------- experiment --
+# run_experiment: the model (`load_lm`: the test bed trained here, or a real
+# pretrained LM from a GGUF file or an HF folder), then per task (`task_data`:
+# the bundled suite / registered real tasks in the byte format, or the paper's
+# tasks in its 'Q: x\nA: y' format) every method's generations scored
+# (`_method_rows`), bootstrap intervals (`summarize`), alpha transfer between
+# tasks (`alpha_transfer`) and the head analysis (mtjax.evaluation.analysis).
 
 
-def _task_rows(task, vocab, cfg):
-  """(train, eval) example lists of a suite task or a registered real task."""
+@dataclasses.dataclass
+class LM:
+  model: Any
+  params: Any
+  vocab: Any
+  info: dict     # how it was made (test bed losses and seconds, or the file)
+
+
+def load_lm(config) -> LM:
+  """config.model_source: 'testbed' (trained here, config.testbed), 'gguf'
+  (config.model.gguf_path; its own tokenizer) or 'hf' (config.model.hf_path,
+  tokenizer config.vocab)."""
+  source = config.get("model_source", "testbed")
+  if source == "testbed":
+    return _testbed_lm(config)
+  m = config.model
+  if source == "gguf":
+    model, params = gguf.load(m.gguf_path, dtype=m.dtype,
+                              param_dtype=m.param_dtype, mesh=one_device_mesh())
+    return LM(model, params, data.vocabulary("gguf:" + m.gguf_path),
+              {"source": "gguf", "path": m.gguf_path})
+  if source == "hf":
+    model, params = hf.load(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                            mesh=one_device_mesh())
+    return LM(model, params, data.vocabulary(config.vocab),
+              {"source": "hf", "path": m.hf_path})
+  raise ValueError(f"unknown model_source {source!r}: 'testbed', 'gguf', 'hf'")
+
+
+def _testbed_lm(config):
+  vocab, tb = data.vocabulary(config.vocab), config.testbed
+  bed = train_testbed(
+      vocab, steps=tb.steps, batch_size=tb.batch_size, max_len=tb.max_len,
+      max_shots=tb.max_shots, remap_prob=tb.remap_prob,
+      learning_rate=tb.learning_rate, seed=config.seed,
+      model_kwargs=dict(hidden=tb.hidden, layers_=tb.layers, heads=tb.heads,
+                        mlp=tb.mlp))
+  print(f"test bed: {tb.steps} steps in {bed.seconds:.0f}s, loss "
+        f"{bed.losses[-1][1]:.3f}", flush=True)
+  return LM(bed.model, bed.params, vocab, {
+      "source": "testbed", "testbed_losses": bed.losses,
+      "testbed_seconds": bed.seconds})
+
+
+def paper_examples(task, split, tasks_dir, max_examples=0):
+  """<tasks_dir>/<task>/<split>.json ({'input', 'output'} rows; split 'train',
+  'valid' or 'test') -> the experiment's examples {'inputs', 'targets',
+  'answer_choices': []}, the first `max_examples` (0 = all)."""
+  with open(os.path.join(tasks_dir, task, f"{split}.json")) as f:
+    rows = json.load(f)
+  rows = rows[:max_examples] if max_examples else rows
+  return [{"inputs": str(r["input"]), "targets": str(r["output"]),
+           "answer_choices": []} for r in rows]
+
+
+@dataclasses.dataclass
+class TaskData:
+  fmt: PromptFormat
+  demos: list    # demonstrations: ICL prompts and the task embedding
+  fit: list      # alpha / prompt fitting rows
+  val: list      # validation rows (best-step selection)
+  test: list     # scored rows
+
+
+def task_data(task, vocab, cfg) -> TaskData:
+  """A paper task (in cfg.paper_tasks): demonstrations and fitting rows from
+  train, validation the first cfg.val_examples of valid, test the first
+  cfg.eval_examples of test (the paper's splits). A suite / registered real
+  task: `_suite_data`."""
+  if task in tuple(cfg.get("paper_tasks", ())):
+    root = cfg.paper_tasks_dir
+    train = paper_examples(task, "train", root)
+    return TaskData(
+        paper_format(vocab, task, cfg.get("em_prefix", False)), train,
+        train[:cfg.fit_examples] if cfg.fit_examples else train,
+        paper_examples(task, "valid", root, cfg.val_examples),
+        paper_examples(task, "test", root, cfg.eval_examples))
+  return _suite_data(task, vocab, cfg)
+
+
+def _suite_data(task, vocab, cfg):
+  """Suite or registered real task, byte format: its validation split is the
+  test set; train is split into disjoint slices demonstrations | alpha fit |
+  alpha val (small real train sets, e.g. FewGLUE's 32: 1/4 | 1/2 | 1/4)."""
   if task in suite.TASKS:
-    return (suite.examples(task, "train"),
-            suite.examples(task, "validation", max_examples=cfg.eval_examples))
-  data.register(vocab)
-  train = data.eval_examples(task, vocab, split="train")
-  evals = data.eval_examples(task, vocab, split="validation",
-                             max_examples=cfg.eval_examples)
-  return train, evals
-
-
-def _method_rows(model, params, vocab, task, cfg, seed):
-  """Per method: {'em', 'first', 'nll', 'sec'} on one task (see run_experiment)."""
-  train, evals = _task_rows(task, vocab, cfg)
-  enc, stop = vocab.encode, vocab.encode("\n")[0]
-  eos_ids, pad_id, new = (stop,), 0, cfg.max_new_tokens
-  bs = cfg.eval_batch_size
-  rows, extra = {}, {}
-
-  def evaluate(name, prompts, prefill, payload, logit_fn):
-    gen = lambda i, m: si.greedy_with_prefill(
-        model, params, jnp.asarray(i), jnp.asarray(m), payload, prefill, new,
-        eos_ids, pad_id)
-    outs, sec = timed_generation(gen, prompts, bs)
-    nll, first = target_scores(jax.jit(logit_fn),
-                               scoring_batch(prompts, evals, enc), bs)
-    rows[name] = dict(em=exact_match(vocab, outs, evals, stop)[0],
-                      first=float(first.mean()), nll=float(nll.mean()), sec=sec)
-
-  plain_logits = lambda i, m, pos: model.apply({"params": params}, i, m)
-  for k in cfg.shots:
-    prompts = few_shot_prompts(train, evals, k, seed, enc, cfg.max_prompt_len)
-    evaluate("zero-shot" if k == 0 else f"icl-{k}", prompts, si.plain_prefill,
-             (), plain_logits)
-  zero = few_shot_prompts(train, evals, 0, seed, enc, cfg.max_prompt_len)
-  # Disjoint train slices: embedding demonstrations | alpha fit | alpha val
-  # (small real train sets, e.g. FewGLUE's 32, are split 1/4 | 1/2 | 1/4).
+    train = suite.examples(task, "train")
+    evals = suite.examples(task, "validation", max_examples=cfg.eval_examples)
+  else:
+    data.register(vocab)
+    train = data.eval_examples(task, vocab, split="train")
+    evals = data.eval_examples(task, vocab, split="validation",
+                               max_examples=cfg.eval_examples)
   n = len(train)
-  n_val = min(cfg.val_examples, n // 4)
-  n_fit = min(cfg.fit_examples, n // 2)
-  fit_rows, val_rows = train[n - n_fit - n_val:n - n_val], train[n - n_val:]
-  emb_rows = train[:n - n_fit - n_val]
+  n_val, n_fit = min(cfg.val_examples, n // 4), min(cfg.fit_examples, n // 2)
+  return TaskData(byte_format(vocab.encode, vocab), train[:n - n_fit - n_val],
+                  train[n - n_fit - n_val:n - n_val], train[n - n_val:], evals)
 
-  emb = si.task_embedding(model, params, embedding_prompts(
-      emb_rows, cfg.num_prompts, cfg.num_shots, seed, enc, cfg.max_prompt_len),
-      batch_size=bs)
-  alpha_fit = fit_alpha(
-      model, params, emb, first_token_batch(fit_rows, enc, cfg.max_prompt_len),
-      first_token_batch(val_rows, enc, cfg.max_prompt_len),
-      steps=cfg.alpha.steps, learning_rate=cfg.alpha.learning_rate,
-      batch_size=cfg.alpha.batch_size, seed=seed)
-  alpha = si.alpha_of(alpha_fit.value)
-  evaluate("soft-injection", zero, si.injected_prefill, (emb, alpha, None),
-           lambda i, m, pos: si.apply_injected(
-               model, params, {"input_ids": i, "attention_mask": m}, emb,
-               alpha, positions=pos))
-  extra.update(alpha=np.asarray(alpha), alpha_logits=alpha_fit.value,
-               embedding=np.asarray(emb), best_step=alpha_fit.best_step,
-               best_val_loss=alpha_fit.best_val_loss)
 
+def memory_mark():
+  """(source, bytes): the device's peak_bytes_in_use when jax reports it
+  (accelerators), else the process's max RSS (CPU). Both are peaks since the
+  process started, so a difference is how much a step raised the peak."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return "device peak_bytes_in_use", int(stats["peak_bytes_in_use"])
+  return "process max RSS", resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kv_cache_mb(model_config, tokens):
+  """f32 KV-cache megabytes of one sequence of `tokens` tokens."""
+  c = model_config
+  kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+  head_dim = getattr(c, "head_dim", None) or (
+      c.hidden_size // c.num_attention_heads)
+  return 2 * c.num_hidden_layers * kv * head_dim * tokens * 4 / 2**20
+
+
+def generation_row(lm, td, prompts, prefill, payload, cfg):
+  """Greedy generations of `prompts` scored under td.fmt -> {em, correct (N,),
+  sec (per example), mem_mb (peak raised, `memory_mark`), tokens (mean prompt
+  length), kv_mb (KV cache per example at that length + new tokens)}."""
+  gen = lambda i, m: si.greedy_with_prefill(
+      lm.model, lm.params, jnp.asarray(i), jnp.asarray(m), payload, prefill,
+      cfg.max_new_tokens, td.fmt.stop_ids, 0)
+  source, before = memory_mark()
+  outs, sec = timed_generation(gen, prompts, cfg.eval_batch_size)
+  em, correct, answers = exact_match(td.fmt, outs, td.test)
+  tokens = float(np.mean([len(p) for p in prompts]))
+  return dict(em=em, correct=correct.tolist(), sec=sec,
+              mem_mb=(memory_mark()[1] - before) / 2**20, mem_source=source,
+              tokens=tokens, answers=answers,
+              kv_mb=kv_cache_mb(lm.model.config, tokens + cfg.max_new_tokens))
+
+
+def scored_row(lm, td, prompts, prefill, payload, logit_fn, cfg):
+  """`generation_row` + teacher-forced target scores {first, nll} (NaN when
+  cfg.score_targets is off)."""
+  row = generation_row(lm, td, prompts, prefill, payload, cfg)
+  row.update(first=float("nan"), nll=float("nan"))
+  if cfg.get("score_targets", True):
+    nll, first = target_scores(jax.jit(logit_fn),
+                               scoring_batch(prompts, td.test, td.fmt),
+                               cfg.eval_batch_size)
+    row.update(first=float(first.mean()), nll=float(nll.mean()))
+  print(f"  {len(prompts)} prompts: EM {row['em']:.3f}, "
+        f"{row['sec'] * 1e3:.0f} ms/example", flush=True)
+  return row
+
+
+def injected_logits(lm, emb, alpha):
+  return lambda i, m, pos: si.apply_injected(
+      lm.model, lm.params, {"input_ids": i, "attention_mask": m}, emb, alpha,
+      positions=pos)
+
+
+def fit_task_alpha(lm, td, emb, cfg, seed):
+  enc = lambda rows: first_token_batch(rows, td.fmt, cfg.max_prompt_len)
+  return fit_alpha(lm.model, lm.params, emb, enc(td.fit), enc(td.val),
+                   steps=cfg.alpha.steps, learning_rate=cfg.alpha.learning_rate,
+                   batch_size=cfg.alpha.batch_size, seed=seed)
+
+
+def prompt_tuning_row(lm, td, zero, cfg, seed):
+  """Prompt tuning with the alpha budget, scored on the zero-shot prompts."""
+  enc = lambda rows: target_batch(rows, td.fmt, cfg.max_prompt_len)
+  prompt = fit_prompt(
+      lm.model, lm.params, enc(td.fit), enc(td.val),
+      length=cfg.prompt_tuning.length, steps=cfg.alpha.steps,
+      learning_rate=cfg.prompt_tuning.learning_rate,
+      batch_size=cfg.alpha.batch_size, seed=seed).value
+  method = prompt_tuning.PromptTuning(length=cfg.prompt_tuning.length)
+  return scored_row(lm, td, zero, prompt_prefill, (prompt,),
+                    lambda i, m, pos: method.apply(
+                        lm.model, {"base": lm.params,
+                                   "prompt": {"embedding": prompt}},
+                        {"input_ids": i, "attention_mask": m}), cfg)
+
+
+def _method_rows(lm, task, cfg, seed):
+  """Per method (zero-shot, icl-k, soft-injection, prompt-tuning): a
+  `scored_row` on one task; -> (rows, extra: embedding, alpha, fit, data)."""
+  td = task_data(task, lm.vocab, cfg)
+  plain = lambda i, m, pos: lm.model.apply({"params": lm.params}, i, m)
+  prompts = lambda k: few_shot_prompts(td.demos, td.test, k, seed, td.fmt,
+                                       cfg.max_prompt_len)
+  rows = {}
+  for k in cfg.shots:
+    rows["zero-shot" if k == 0 else f"icl-{k}"] = scored_row(
+        lm, td, prompts(k), si.plain_prefill, (), plain, cfg)
+  start = time.perf_counter()
+  emb = si.task_embedding(lm.model, lm.params, embedding_prompts(
+      td.demos, cfg.num_prompts, cfg.num_shots, seed, td.fmt,
+      cfg.max_prompt_len), batch_size=cfg.eval_batch_size)
+  fitted = fit_task_alpha(lm, td, emb, cfg, seed)
+  alpha = si.alpha_of(fitted.value)
+  fit_seconds = time.perf_counter() - start
+  rows["soft-injection"] = scored_row(
+      lm, td, prompts(0), si.injected_prefill, (emb, alpha, None),
+      injected_logits(lm, emb, alpha), cfg)
   if cfg.prompt_tuning.length:
-    prompt_fit = fit_prompt(
-        model, params, target_batch(fit_rows, enc, cfg.max_prompt_len),
-        target_batch(val_rows, enc, cfg.max_prompt_len),
-        length=cfg.prompt_tuning.length, steps=cfg.alpha.steps,
-        learning_rate=cfg.prompt_tuning.learning_rate,
-        batch_size=cfg.alpha.batch_size, seed=seed)
-    prompt = prompt_fit.value
-    method = prompt_tuning.PromptTuning(length=cfg.prompt_tuning.length)
-    evaluate("prompt-tuning", zero, prompt_prefill, (prompt,),
-             lambda i, m, pos: method.apply(
-                 model, {"base": params, "prompt": {"embedding": prompt}},
-                 {"input_ids": i, "attention_mask": m}))
-  return rows, extra
+    rows["prompt-tuning"] = prompt_tuning_row(lm, td, prompts(0), cfg, seed)
+  return rows, dict(embedding=np.asarray(emb), alpha=np.asarray(alpha),
+                    fit=fitted, data=td, fit_seconds=fit_seconds)
 
 
 def format_table(results):
@@ -543,97 +829,144 @@ def format_table(results):
   return "\n".join(lines)
 
 
-@JOBS.register("soft_injection")
-def run_experiment(config, workdir: str) -> dict:
-  """Trains the test bed, compares methods per task, writes JSON + heatmap."""
-  os.makedirs(workdir, exist_ok=True)
-  vocab = data.vocabulary(config.vocab)
-  tb = config.testbed
-  bed = train_testbed(
-      vocab, steps=tb.steps, batch_size=tb.batch_size, max_len=tb.max_len,
-      max_shots=tb.max_shots, remap_prob=tb.remap_prob,
-      learning_rate=tb.learning_rate, seed=config.seed,
-      model_kwargs=dict(hidden=tb.hidden, layers_=tb.layers, heads=tb.heads,
-                        mlp=tb.mlp))
-  print(f"test bed: {tb.steps} steps in {bed.seconds:.0f}s, loss "
-        f"{bed.losses[-1][1]:.3f}", flush=True)
-  tasks = list(config.tasks or suite.HELD_OUT) + list(config.real_tasks)
-  results, alphas, skipped = {}, {}, {}
-  for task in tasks:
-    try:
-      rows, extra = _method_rows(bed.model, bed.params, vocab, task, config,
-                                 config.seed)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-      if task in suite.TASKS:
-        raise
-      skipped[task] = f"{type(e).__name__}: {e}"
-      print(f"skipping {task}: {skipped[task]}", flush=True)
-      continue
-    results[task], alphas[task] = rows, extra["alpha"]
-    si.save(os.path.join(workdir, "task_embeddings"), task, extra["embedding"],
-            extra["alpha_logits"], num_prompts=config.num_prompts,
-            num_shots=config.num_shots, best_step=extra["best_step"],
-            best_val_loss=extra["best_val_loss"])
-    print(task, json.dumps(rows), flush=True)
-  table = format_table(results)
-  print("EM: exact match of the greedy answer; 1st: first answer token "
-        "accuracy; NLL: target loss per token; ms/ex: greedy generation time "
-        "per example")
-  print(table)
-  png, overlap = analysis.write_analysis(alphas, workdir,
-                                         k=config.top_k or None)
-  print(overlap)
-  out = {"results": results,
-         "columns": {"em": "exact match of the greedy answer",
-                     "first": "first target token accuracy (argmax)",
-                     "nll": "target NLL per token, teacher-forced",
-                     "sec": "seconds per example, greedy generation"},
-         "skipped": skipped, "testbed_losses": bed.losses,
-         "testbed_seconds": bed.seconds, "heatmap": png,
-         "config": config.to_dict()}
-  with open(os.path.join(workdir, "soft_injection_results.json"), "w") as f:
-    json.dump(out, f, indent=1, default=str)
-  with open(os.path.join(workdir, "soft_injection_table.txt"), "w") as f:
-    f.write(table + "\n\n" + overlap + "\n")
-  print(f"wrote {workdir}/soft_injection_results.json and {png}")
+def summarize(results, seed=0):
+  """Per method: the task-mean EM with its 95% bootstrap interval (examples
+  resampled within each task), per-task intervals, and mean costs."""
+  out = {}
+  for m in next(iter(results.values())):
+    rows = {t: r[m] for t, r in results.items()}
+    mean, lo, hi = analysis.task_mean_ci(
+        [r["correct"] for r in rows.values()], seed=seed)
+    out[m] = {"em": mean, "ci95": [lo, hi],
+              "per_task_ci95": {t: list(bootstrap_ci(r["correct"], seed=seed))
+                                for t, r in rows.items()},
+              **{k: float(np.mean([r[k] for r in rows.values()]))
+                 for k in ("sec", "mem_mb", "tokens", "kv_mb")}}
   return out
 
 
-def scoring_batch(prompts, examples, encode):
-  """Right-padded prompt + 'y\\n' rows for teacher-forced scoring.
-
-  -> dict input_ids, attention_mask (B, T), weights (B, T) on 'y\\n' tokens,
-  position (B,) of each prompt's last token.
-  """
-  rows, pos, spans = [], [], []
-  for p, ex in zip(prompts, examples, strict=True):
-    y = encode(ex["targets"] + "\n")
-    rows.append(list(p) + y)
-    pos.append(len(p) - 1)
-    spans.append((len(p), len(p) + len(y)))
-  t = -(-max(len(r) for r in rows) // 32) * 32
-  ids = np.zeros((len(rows), t), np.int32)
-  w = np.zeros((len(rows), t), np.float32)
-  for i, (r, (a, b)) in enumerate(zip(rows, spans, strict=True)):
-    ids[i, :len(r)] = r
-    w[i, a:b] = 1.0
-  return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
-          "weights": w, "position": np.asarray(pos, np.int32)}
+def format_summary(summary):
+  lines = [f"{'method':<16}{'EM':>6}  {'95% CI':<15}{'ms/ex':>7}"
+           f"{'peak+MB':>9}{'tokens':>8}{'KV MB':>7}"]
+  for m, s in summary.items():
+    lines.append(f"{m:<16}{s['em']:>6.3f}  [{s['ci95'][0]:.3f}, "
+                 f"{s['ci95'][1]:.3f}]{s['sec'] * 1e3:>7.1f}{s['mem_mb']:>9.1f}"
+                 f"{s['tokens']:>8.1f}{s['kv_mb']:>7.2f}")
+  return "\n".join(lines)
 
 
-def target_scores(logit_fn, batch, batch_size):
-  """logit_fn(ids, mask, positions) -> logits; returns per-example
-  (target NLL per token, first-token correct) over teacher-forced rows."""
-  nll, first = [], []
-  n = len(batch["input_ids"])
-  for s in range(0, n, batch_size):
-    sl = slice(s, s + batch_size)
-    ids, w, pos = batch["input_ids"][sl], batch["weights"][sl], batch["position"][sl]
-    logits = np.asarray(logit_fn(ids, batch["attention_mask"][sl], pos),
-                        np.float64)
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    tok = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
-    nll.extend(-(tok * w[:, 1:]).sum(1) / w[:, 1:].sum(1))
-    r = np.arange(len(ids))
-    first.extend(logits[r, pos].argmax(-1) == ids[r, pos + 1])
-  return np.asarray(nll), np.asarray(first, np.float64)
+def alpha_transfer(lm, extras, results, cfg):
+  """config.transfer = ((A, similar B, dissimilar C), ...): A's test EM with A's
+  embedding and A's own alpha (its soft-injection row), B's alpha, C's alpha.
+  -> {A: {'own'|'similar'|'dissimilar': {'alpha_of', 'em', 'correct'}}};
+  triples with a task that was not run are left out."""
+  out = {}
+  for a, similar, dissimilar in cfg.get("transfer", ()):
+    if not {a, similar, dissimilar} <= set(extras):
+      continue
+    own = results[a]["soft-injection"]
+    row = {"own": {"alpha_of": a, "em": own["em"], "correct": own["correct"]}}
+    td, emb = extras[a]["data"], extras[a]["embedding"]
+    zero = few_shot_prompts(td.demos, td.test, 0, cfg.seed, td.fmt,
+                            cfg.max_prompt_len)
+    for kind, b in (("similar", similar), ("dissimilar", dissimilar)):
+      r = generation_row(lm, td, zero, si.injected_prefill,
+                         (emb, extras[b]["alpha"], None), cfg)
+      row[kind] = {"alpha_of": b, "em": r["em"], "correct": r["correct"]}
+    out[a] = row
+    print(f"alpha transfer {a}: " + ", ".join(
+        f"{k} ({v['alpha_of']}) {v['em']:.3f}" for k, v in row.items()),
+          flush=True)
+  return out
+
+
+def task_names(config):
+  """The paper's tasks (config.paper_tasks), then config.tasks and
+  config.real_tasks; with neither paper nor suite tasks, the suite's
+  held-out tasks."""
+  paper = list(config.get("paper_tasks", ()))
+  named = list(config.tasks) + list(config.real_tasks)
+  if not paper and not config.tasks:
+    named = list(suite.HELD_OUT) + named
+  return paper + named
+
+
+def _run_task(lm, task, config, workdir):
+  start = time.perf_counter()
+  rows, extra = _method_rows(lm, task, config, config.seed)
+  si.save(os.path.join(workdir, "task_embeddings"), task, extra["embedding"],
+          extra["fit"].value, num_prompts=config.num_prompts,
+          num_shots=config.num_shots, best_step=extra["fit"].best_step,
+          best_val_loss=extra["fit"].best_val_loss)
+  extra["seconds"] = time.perf_counter() - start
+  print(task, f"({extra['seconds']:.0f}s; embedding + alpha "
+        f"{extra['fit_seconds']:.0f}s)", json.dumps(
+            {m: {k: r[k] for k in ("em", "first", "nll", "sec", "mem_mb")}
+             for m, r in rows.items()}), flush=True)
+  return rows, extra
+
+
+def run_tasks(lm, config, workdir):
+  """-> (results {task: rows}, extras {task: extra}, skipped {task: why})."""
+  results, extras, skipped = {}, {}, {}
+  for task in task_names(config):
+    try:
+      results[task], extras[task] = _run_task(lm, task, config, workdir)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      if task in suite.TASKS or task in tuple(config.get("paper_tasks", ())):
+        raise
+      skipped[task] = f"{type(e).__name__}: {e}"
+      print(f"skipping {task}: {skipped[task]}", flush=True)
+  return results, extras, skipped
+
+
+COLUMNS = {
+    "em": "exact match of the greedy answer (paper tasks: the reference "
+          "normalisation, paper_match)",
+    "correct": "per-example EM (0/1), for the bootstrap intervals",
+    "first": "first target token accuracy (argmax), teacher-forced",
+    "nll": "target NLL per token, teacher-forced",
+    "sec": "seconds per example, greedy generation (compilation excluded)",
+    "mem_mb": "MB the peak memory rose during the method's generation "
+              "(mem_source: device peak_bytes_in_use, or process max RSS on "
+              "CPU; 0 when it stayed under an earlier peak)",
+    "tokens": "mean prompt length in tokens",
+    "kv_mb": "f32 KV cache MB per example (prompt + new tokens)"}
+
+
+def write_outputs(workdir, out, texts):
+  with open(os.path.join(workdir, "soft_injection_results.json"), "w") as f:
+    json.dump(out, f, indent=1, default=str)
+  with open(os.path.join(workdir, "soft_injection_table.txt"), "w") as f:
+    f.write("\n\n".join(texts) + "\n")
+
+
+@JOBS.register("soft_injection")
+def run_experiment(config, workdir: str) -> dict:
+  """Loads or trains the model, compares methods per task, writes JSON, the
+  tables, the alpha heatmap, head overlaps and the alpha-transfer plot."""
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  lm = load_lm(config)
+  results, extras, skipped = run_tasks(lm, config, workdir)
+  summary = summarize(results, config.seed)
+  transfer = alpha_transfer(lm, extras, results, config)
+  alphas = {t: e["alpha"] for t, e in extras.items()}
+  png, overlap = analysis.write_analysis(alphas, workdir,
+                                         k=config.top_k or None)
+  transfer_png = analysis.plot_transfer(
+      transfer, os.path.join(workdir, "alpha_transfer.png")) if transfer else ""
+  texts = [format_table(results), format_summary(summary), overlap,
+           analysis.format_transfer(transfer)]
+  print("EM: exact match of the greedy answer; 1st: first answer token "
+        "accuracy; NLL: target loss per token; ms/ex: greedy generation time "
+        "per example\n" + "\n\n".join(texts))
+  out = {"results": results, "summary": summary, "transfer": transfer,
+         "columns": COLUMNS, "skipped": skipped, "model": lm.info,
+         "task_seconds": {t: e["seconds"] for t, e in extras.items()},
+         "seconds": time.perf_counter() - start, "heatmap": png,
+         "transfer_plot": transfer_png, "config": config.to_dict()}
+  out.update({k: v for k, v in lm.info.items() if k.startswith("testbed_")})
+  write_outputs(workdir, out, texts)
+  print(f"wrote {workdir}/soft_injection_results.json and {png}")
+  return out

@@ -20,6 +20,18 @@ All are trained jointly on a mixture; inputs['adapter_index'] (B,) (the task
 index) picks each example's prompt. The learned S initialises target-task
 prompts (prompt transfer, `init_from`).
 
+MPT's prompt distillation (Wang et al. 2023, Sec. 3.2): per-task teacher
+prompts (K, P, d), trained first by vanilla prompt tuning (e.g. PromptTuning
+with num_experts=K on the same mixture, rows choosing their task's prompt),
+supervise the multiplicative student: the task loss gains
+lambda_kl * KL(teacher || student) of the next-token distributions and
+lambda_mse * the mean squared difference of the final hidden states, per
+target token (`distillation_loss`, a custom loss for the one fit loop; a
+multitask prompt configured with `teacher_prompts` gives it as
+`method.training_loss(task_loss)`). The final hidden state is the input of
+the output projection (lm_head, or the tied embedding's `attend`), read with
+an interceptor (`final_hidden_hook`).
+
 KV-cached decoding (mtjax.methods.transform): decode=PREFILL prepends the
 prompt like the plain forward, so the cache holds the P prompt vectors before
 the tokens (size it for P more slots: the creation call, cache=None, prepends
@@ -40,6 +52,10 @@ from jax.typing import ArrayLike
 
 from mtjax.methods import adapters, transform
 from mtjax.models import layers
+
+# MPT's weight of the distillation terms, L_PLM + lambda * (L_logits +
+# L_hidden) (Wang et al. 2023, Sec. 3.2; 0.9 in its experimental set-up).
+MPT_LAMBDA = 0.9
 
 # Module path/method scopes whose embedding calls are the prompted input.
 ENCODER_SCOPE = r"(encoder(/.*)?:.*|:encode)"
@@ -165,7 +181,13 @@ class MultitaskPromptTuning(PromptTuning):
   trainable = r"prompt/.*"
 
   def __init__(self, num_tasks: int, composition: str = "multiplicative",
-               **kwargs: Any) -> None:
+               teacher_prompts: Union[str, Sequence[str], ArrayLike,
+                                      None] = None,
+               lambda_kl: float = MPT_LAMBDA, lambda_mse: float = MPT_LAMBDA,
+               temperature: float = 1.0, **kwargs: Any) -> None:
+    """teacher_prompts (MPT distillation, see `training_loss`): a (K, P, d)
+    array or what `load_teacher_prompts` reads; lambda_kl, lambda_mse and
+    temperature weight its terms (`distillation_loss`)."""
     super().__init__(**kwargs)
     if composition not in ("multiplicative", "additive"):
       raise ValueError(f"composition {composition!r}: 'multiplicative' "
@@ -173,6 +195,24 @@ class MultitaskPromptTuning(PromptTuning):
     if num_tasks < 1:
       raise ValueError("multitask prompt tuning needs num_tasks >= 1")
     self.num_tasks, self.composition = int(num_tasks), composition
+    empty = isinstance(teacher_prompts, str) and not teacher_prompts
+    self.teacher_prompts = None if empty else teacher_prompts
+    self.lambda_kl, self.lambda_mse = float(lambda_kl), float(lambda_mse)
+    self.temperature = float(temperature)
+
+  def training_loss(self, task_loss: Callable) -> Callable:
+    """The fit loop's loss: `task_loss` plus MPT's distillation from the
+    configured teacher prompts (`distillation_loss`), or `task_loss` itself
+    when none are configured."""
+    if self.teacher_prompts is None:
+      return task_loss
+    teacher = load_teacher_prompts(self.teacher_prompts)
+    if teacher.shape[0] != self.num_tasks:
+      raise ValueError(f"{teacher.shape[0]} teacher prompts for num_tasks="
+                       f"{self.num_tasks}: give one per task")
+    return distillation_loss(teacher, task_loss, lambda_kl=self.lambda_kl,
+                             lambda_mse=self.lambda_mse,
+                             temperature=self.temperature)
 
   def init(self, rng: jax.Array, model: Model,
            base_params: Optional[dict] = None) -> dict:
@@ -302,3 +342,164 @@ def embed_interceptor(prompt: jax.Array, total_length: int, embed_path: str,
       p = jnp.broadcast_to(p, (out.shape[0],) + p.shape)
     return jnp.concatenate([p, out[:, length:]], axis=1)
   return interceptor
+
+
+# ------------------------------------------------------ MPT distillation --
+
+
+def load_teacher_prompts(source: Union[str, Sequence[str], ArrayLike]
+                         ) -> np.ndarray:
+  """(K, P, d) float32 teacher prompts, one per task (task order = index).
+
+  source: a (K, P, d) array; a .npy file; a saved prompt-tuning adapter
+  holding one prompt per task (num_experts=K); or a sequence of K single
+  prompts (adapters or (P, d) arrays), stacked.
+  """
+  if isinstance(source, str):
+    if source.endswith(".npy"):
+      out = np.load(source)
+    else:
+      tree = adapters.load_adapter(source)
+      if "embedding" not in tree.get("prompt", {}):
+        raise ValueError(f"{source} holds no vanilla prompt-tuning prompt "
+                         f"(params {sorted(tree)}); teachers come from "
+                         "PromptTuning")
+      out = tree["prompt"]["embedding"]
+  elif (isinstance(source, (list, tuple)) and source
+        and isinstance(source[0], str)):
+    out = np.stack([load_teacher_prompts(s) for s in source])
+    out = out.reshape((-1,) + out.shape[-2:])
+  else:
+    out = np.asarray(source)
+  out = np.asarray(out, np.float32)
+  if out.ndim == 2:
+    out = out[None]
+  if out.ndim != 3:
+    raise ValueError(f"teacher prompts must be (K, P, d), got {out.shape}")
+  return out
+
+
+def final_hidden_hook(store: list) -> Callable:
+  """Interceptor appending the final hidden state (B, T, d) to `store`.
+
+  It is the input of the output projection: an `lm_head` layers.Linear, or
+  the tied embedding's `attend` (decoder-only models with tied embeddings,
+  BLOOM; original T5, whose decoder output is scaled by d_model**-0.5 first).
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if ((isinstance(module, layers.Embed) and context.method_name == "attend")
+        or (isinstance(module, layers.Linear)
+            and context.method_name == "__call__"
+            and module.path[-1:] == ("lm_head",))):
+      store.append(args[0])
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
+def _with_hidden(fn):
+  """(fn() logits (B, T, V), final hidden (B, T, d) at the logits' positions)."""
+  store = []
+  with nn.intercept_methods(final_hidden_hook(store)):
+    logits = fn()
+  if len(store) != 1:
+    raise ValueError(f"saw {len(store)} output projections (lm_head or a tied "
+                     "embedding's attend) in one forward; need exactly one")
+  # Decoder-only prompts add P leading positions to the hidden states only.
+  return logits, store[0][:, store[0].shape[1] - logits.shape[1]:]
+
+
+def distillation_terms(method: PromptTuning, model: Model, params: dict,
+                       inputs: dict, teacher: jax.Array, *,
+                       rng: Optional[jax.Array] = None,
+                       deterministic: bool = True,
+                       temperature: float = 1.0) -> tuple:
+  """Student logits (B, T, V) and per-token KL, MSE (B, T) to the teachers.
+
+  inputs: method.apply inputs with 'adapter_index' (B,) choosing each row's
+  teacher prompt from teacher (K, P, d). KL(teacher || student) of the
+  next-token distributions at `temperature` (times temperature**2, Hinton et
+  al.'s gradient scale); MSE: the squared difference of the final hidden
+  states, averaged over d. The teacher runs deterministically, without
+  gradients.
+  """
+  if inputs.get("adapter_index") is None:
+    raise ValueError("MPT distillation needs inputs['adapter_index'] (B,) "
+                     "int32: each example's task, choosing its teacher prompt")
+  logits, hidden = _with_hidden(lambda: method.apply(
+      model, params, inputs, rng=rng, deterministic=deterministic))
+  prompt = jnp.take(jnp.asarray(teacher, jnp.float32),
+                    inputs["adapter_index"], axis=0)
+  t_logits, t_hidden = jax.lax.stop_gradient(_with_hidden(
+      lambda: prompted_apply(model, params, inputs, prompt,
+                             embedding=method.embedding, scope=method.scope,
+                             placeholder_id=method.placeholder_id)))
+  t = jnp.float32(temperature)
+  t_logp = jax.nn.log_softmax(t_logits.astype(jnp.float32) / t)
+  s_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t)
+  kl = (jnp.exp(t_logp) * (t_logp - s_logp)).sum(-1) * t * t
+  diff = hidden.astype(jnp.float32) - t_hidden.astype(jnp.float32)
+  return logits, kl, jnp.mean(diff * diff, axis=-1)
+
+
+class _Distilling:
+  """The student method for a task loss: its `apply` also computes the
+  distillation terms of the same forward (`distillation_terms`) into `seen`."""
+
+  def __init__(self, method, teacher, temperature, seen):
+    self._method, self._teacher = method, teacher
+    self._temperature, self._seen = temperature, seen
+
+  def __getattr__(self, name):
+    return getattr(self._method, name)
+
+  def apply(self, model, params, inputs, *, rng=None, deterministic=True,
+            **kwargs):
+    if kwargs or self._seen:
+      raise ValueError("the distillation loss wraps one plain forward of the "
+                       "task loss (no decoding, one method.apply call)")
+    logits, kl, mse = distillation_terms(
+        self._method, model, params, inputs, self._teacher, rng=rng,
+        deterministic=deterministic, temperature=self._temperature)
+    self._seen.update(kl=kl, mse=mse)
+    return logits
+
+
+def distillation_loss(teacher_prompts: Union[str, Sequence[str], ArrayLike],
+                      task_loss: Callable, *, lambda_kl: float = MPT_LAMBDA,
+                      lambda_mse: float = MPT_LAMBDA,
+                      temperature: float = 1.0) -> Callable:
+  """MPT's prompt distillation as a loss for the one fit loop.
+
+  Wang et al. 2023, "Multitask Prompt Tuning Enables Parameter-Efficient
+  Transfer Learning" (arXiv:2303.02861), Sec. 3.2: the student (a
+  MultitaskPromptTuning, S * u_k v_k^T) is trained with its task loss plus
+  lambda (KL(teacher || student) + MSE of the final hidden states), the
+  teacher being the frozen model with task k's vanilla prompt-tuning prompt.
+
+  task_loss: loss(method, model, kind, params, batch, rng) -> per-token (nll,
+  correct, weights) (B, L), e.g. trainer.target_token_loss; it must call
+  method.apply once, and its (B, L) must be the logits' positions. Returns a
+  loss of the same signature whose nll adds lambda_kl * KL + lambda_mse * MSE
+  per token (`distillation_terms`), so they count on the task loss's
+  weighted (target) tokens; with both lambdas 0 it equals `task_loss`.
+  teacher_prompts: (K, P, d) or what `load_teacher_prompts` reads.
+  """
+  teacher = load_teacher_prompts(teacher_prompts)
+
+  def loss(method, model, kind, params, batch, rng):
+    if not isinstance(method, PromptTuning):
+      raise ValueError(f"MPT distillation trains a prompt; got "
+                       f"{type(method).__name__}")
+    seen = {}
+    nll, correct, weights = task_loss(
+        _Distilling(method, teacher, temperature, seen), model, kind, params,
+        batch, rng)
+    if not seen:
+      raise ValueError("the task loss never called method.apply")
+    if seen["kl"].shape != nll.shape:
+      raise ValueError(f"the task loss's per-token nll {nll.shape} is not at "
+                       f"the logits' positions {seen['kl'].shape}")
+    return (nll + lambda_kl * seen["kl"] + lambda_mse * seen["mse"], correct,
+            weights)
+  return loss

@@ -18,32 +18,39 @@ All but Poly/MHR reuse one stacked LoRA library and `routed.RoutedLoRA`:
               task's examples (`TaskGateRouting`); trained on the held-in
               mixture with the experts frozen. A held-out task has no learned
               row: it uses the mean of the held-in rows (zero-shot).
-  task_avg    task-level PHATGOOSE: its per-token routing probabilities
-              averaged over all tokens of a task's inputs, then one fixed top-k
-              mixture per module for the whole task (`task_level_weights`).
+  task_avg    task-level PHATGOOSE (Muqeeth et al. 2024, arXiv:2402.05859):
+              its per-token routing averaged over all tokens of a task's
+              unlabeled inputs (the prompts alone, never the gold targets),
+              then one fixed top-k mixture per module for the whole task
+              (`task_level_weights`).
   retrieval   per-example retrieval by example centroid (after Jang et al.
               2023, "Exploring the Benefits of Training Expert Language Models
               over Instruction Tuning", arXiv:2302.03202): the base model's
-              mean-pooled encoder state of the example is compared (cosine) to
-              each expert's centroid over its training inputs; the nearest
-              expert is used (`RetrievalRouting`).
+              mean-pooled representation of the example's prompt is compared
+              (cosine) to each expert's centroid over its training prompts;
+              the nearest expert is used for the whole example, all its answer
+              choices and generated tokens (`RetrievalRouting`).
   multitask   one LoRA trained on the mixture of all held-in tasks (plain
               mtjax.methods.lora.LoRA).
 Poly and MHR (Ponti et al. 2023, "Combining Parameter-efficient Modules for
 Task-level Generalisation", arXiv:2202.13914; Caccia et al. 2023, "Multi-Head
 Adapter Routing for Cross-Task Generalization", arXiv:2211.03831) train their
 own inventory of S LoRA skills jointly with a task-by-skill allocation
-(`PolyLoRA`, heads=1 is Poly, heads>1 is MHR). Zero-shot on a new task:
+(`PolyLoRA`, heads=1 is Poly, heads>1 is MHR); in training the allocation
+is a relaxed-Bernoulli sample (`allocation`), in evaluation its sigmoid.
+Zero-shot on a new task:
 MHR-mu averages the skills uniformly; MHR-z fits only the new task's allocation
 logits on a few of its training examples (uses target-task data, so it is
 few-shot, not zero-shot).
 """
+import zlib
 from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from mtjax.methods import transform
 from mtjax.routing import diagnostics, experts
@@ -61,8 +68,12 @@ def task_level_weights(records: list, inputs: list, num_experts: int,
                        top_k: int) -> dict:
   """{path: (E,)} fixed weights: mean routing load of the task, top k kept.
 
-  records: per-module PHATGOOSE routing of the task's inputs (a list of
-  record dicts, one per batch, with the inputs they came from).
+  Task-level PHATGOOSE (Muqeeth et al. 2024, arXiv:2402.05859, the 'task_avg'
+  row). records: per-module PHATGOOSE routing of the task's unlabeled inputs
+  (a list of record dicts, one per batch, each {path: {'idx' (B, T, k), ...}}),
+  inputs: the model inputs they came from, whose masks say which tokens
+  count (the prompts only: see mtjax.experiments.phatgoose.task_avg_weights).
+  A module that saw no token gets uniform weights over its first top_k.
   """
   sums = {}
   for rec, inp in zip(records, inputs, strict=True):
@@ -70,7 +81,10 @@ def task_level_weights(records: list, inputs: list, num_experts: int,
       sums[path] = sums.get(path, 0.0) + row["load"] * row["tokens"]
   out = {}
   for path, load in sums.items():
-    keep = np.argsort(-load)[:top_k]
+    load = np.asarray(load, np.float64)
+    if load.sum() <= 0:
+      load = np.ones(num_experts)
+    keep = np.argsort(-load, kind="stable")[:top_k]
     w = np.zeros(num_experts, np.float32)
     w[keep] = load[keep] / max(load[keep].sum(), 1e-9)
     out[path] = w
@@ -79,7 +93,8 @@ def task_level_weights(records: list, inputs: list, num_experts: int,
 
 @ROUTERS.register("task_gate")
 class TaskGateRouting(FixedRouter):
-  """Learned task-level gating over a frozen stacked library.
+  """Learned task-level gating over a frozen stacked library (task-level MoE,
+  Kudugunta et al. 2021, arXiv:2110.03742).
 
   params: {'base', 'experts': {path: {'lora_a': (E, d, r), 'lora_b': (E, r,
   o), 'task_logits': (T, E)}}}; only 'task_logits' is trained. With
@@ -143,11 +158,24 @@ def task_gate_eval_params(params: dict, task: Optional[int] = None) -> dict:
 
 # ---------------------------------------------------------------- retrieval
 
-def example_embedding(model: Model, base: dict, inputs: dict) -> jax.Array:
-  """Mean-pooled base representation of each example's inputs: (B, d).
+# The model input that carries each row's last prompt position (B,) int32, an
+# index into input_ids (decoder-only models): the last slot where seqio's
+# prefix-LM decoder_causal_attention is 1 (mtjax.training.trainer.prompt_ends).
+PROMPT_END = "prompt_end"
+# RetrievalRouting's entry in a KV cache: the expert weights (B, E) its prefill
+# chose from the prompt, which every decoding step reuses.
+CHOICE = "retrieval_expert_weights"
 
-  Encoder-decoder models: the encoder's output; decoder-only: the token
-  embeddings (the model exposes no hidden-state API).
+
+def example_embedding(model: Model, base: dict, inputs: dict,
+                      prompt_end: Optional[ArrayLike] = None) -> jax.Array:
+  """Mean-pooled base representation of each example's prompt: (B, d).
+
+  Jang et al. 2023 (arXiv:2302.03202) retrieve by the example's input.
+  Encoder-decoder models: the encoder's output over input_ids (the prompt).
+  Decoder-only: the token embeddings (the model exposes no hidden-state API)
+  of input_ids (B, T) at positions <= prompt_end (B,) (the prompt; answer
+  tokens in the same row never count); without prompt_end, every real token.
   """
   ids = inputs["input_ids"]
   mask = ids != model.config.pad_token_id
@@ -155,6 +183,9 @@ def example_embedding(model: Model, base: dict, inputs: dict) -> jax.Array:
     # Greedy decoding of a decoder-only model attends over its whole buffer,
     # not yet filled slots included: those hold padding and must not pool.
     mask = mask & (inputs["attention_mask"] > 0)
+  if prompt_end is not None and not model.config.is_encoder_decoder:
+    pos = jnp.arange(ids.shape[1])[None, :]
+    mask = mask & (pos <= jnp.asarray(prompt_end, jnp.int32)[:, None])
   mask = mask.astype(jnp.float32)
   if model.config.is_encoder_decoder:
     h = model.apply({"params": base}, ids, mask.astype(jnp.int32),
@@ -169,21 +200,35 @@ def example_embedding(model: Model, base: dict, inputs: dict) -> jax.Array:
 
 @ROUTERS.register("retrieval")
 class RetrievalRouting(FixedRouter):
-  """Per-example nearest-centroid expert; params add {'retrieval': {'centroids'}}.
+  """Per-example nearest-centroid expert (Jang et al. 2023, arXiv:2302.03202).
 
-  Not KV-cached in decoding (cached_decoding = False): the expert is chosen
-  from every token of the row, generated ones included, so each new token
-  may change the expert of all earlier positions; greedy decoding recomputes
-  the forward instead.
+  params add {'retrieval': {'centroids': (E, d)}}. One expert per example,
+  chosen from its prompt alone (`example_embedding`): decoder-only inputs
+  carry inputs['prompt_end'] (B,) (`prompt_end_input`: the trainer's
+  token_scores fills it from decoder_causal_attention, evaluation's greedy
+  decoding with each row's last prompt slot), so every answer choice of an
+  example and every generated token use the same expert. Without it, every
+  real token of the row pools (the behaviour before prompt_end existed).
+
+  KV-cached decoding (cached_decoding=True, decoder-only models): decode=
+  PREFILL chooses from the prompt and stores the choice in the cache
+  (`CHOICE`); decode=STEP reuses it, as a recomputation with the expert fixed
+  by the prompt gives. Encoder-decoder models (cached_decoding=False, the
+  default): the decoder's cached calls do not see the encoder inputs the
+  choice is made from, so greedy decoding recomputes the forward.
   """
   name = "retrieval"
-  cached_decoding = False
+  prompt_end_input = PROMPT_END
 
-  def __init__(self, lora: LoRAMethod, impl: str = "auto") -> None:
+  def __init__(self, lora: LoRAMethod, impl: str = "auto",
+               cached_decoding: bool = False) -> None:
     super().__init__(lora, top_k=1, impl=impl)
+    self.cached_decoding = bool(cached_decoding)
 
   def choose(self, model: Model, params: dict, inputs: dict) -> jax.Array:
-    emb = example_embedding(model, params["base"], inputs)
+    """(B, E) one-hot: the expert whose centroid is nearest (cosine)."""
+    emb = example_embedding(model, params["base"], inputs,
+                            inputs.get(self.prompt_end_input))
     cen = params["retrieval"]["centroids"]
     cos = (emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-9)) @ (
         cen / jnp.linalg.norm(cen, axis=-1, keepdims=True).clip(1e-9)).T
@@ -192,16 +237,40 @@ class RetrievalRouting(FixedRouter):
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,
             method: Union[str, Callable, None] = None,
-            records: Optional[dict] = None) -> jax.Array:
-    inputs = dict(inputs, expert_weights=self.choose(model, params, inputs))
-    return super().apply(model, params, inputs, rng=rng,
-                         deterministic=deterministic, method=method,
-                         records=records)
+            records: Optional[dict] = None, decode: Optional[str] = None,
+            cache: Optional[dict] = None) -> Any:
+    """Logits, or (logits, cache) with `decode` (see the class docstring)."""
+    decode = transform.check_decode(decode)
+    kw = dict(rng=rng, deterministic=deterministic, method=method,
+              records=records)
+    if decode is None:
+      inputs = dict(inputs, expert_weights=self.choose(model, params, inputs))
+      return super().apply(model, params, inputs, **kw)
+    if "input_ids" not in inputs:
+      raise ValueError(
+          "retrieval routing chooses its expert from input_ids; the cached "
+          "decoder calls of an encoder-decoder model do not have them: "
+          "decode it by recomputation (cached_decoding=False)")
+    if decode == transform.PREFILL:
+      choice = self.choose(model, params, inputs)
+    else:
+      choice = cache[CHOICE]          # the prefill's choice, (B, E)
+    model_cache = None if cache is None else {
+        k: v for k, v in cache.items() if k != CHOICE}
+    logits, new_cache = super().apply(
+        model, params, dict(inputs, expert_weights=choice), decode=decode,
+        cache=model_cache, **kw)
+    return logits, {**new_cache, CHOICE: choice}
 
 
 def centroids(model: Model, base: dict, batches: list) -> jax.Array:
-  """(E, d) centroid per expert from lists of model-input batches."""
-  fn = jax.jit(lambda b, inp: example_embedding(model, b, inp).sum(0))
+  """(E, d) centroid per expert from lists of model-input batches.
+
+  Decoder-only batches should carry PROMPT_END (B,) so only the prompts pool
+  (`example_embedding`).
+  """
+  fn = jax.jit(lambda b, inp: example_embedding(
+      model, b, inp, inp.get(PROMPT_END)).sum(0))
   out = []
   for expert_batches in batches:
     tot, n = 0.0, 0
@@ -214,27 +283,53 @@ def centroids(model: Model, base: dict, batches: list) -> jax.Array:
 
 # ----------------------------------------------------------------- Poly/MHR
 
+def allocation(logits: jax.Array, rng: Optional[jax.Array] = None,
+               temperature: float = 1.0) -> jax.Array:
+  """Poly/MHR mixture weights (B, S, H) from allocation logits (B, S, H).
+
+  Poly (Ponti et al. 2023, arXiv:2202.13914) and MHR (Caccia et al. 2023,
+  arXiv:2211.03831), as mttl's `poly` selector: in training (`rng` given) a
+  relaxed-Bernoulli (Gumbel-sigmoid) sample sigmoid((logits + log u -
+  log(1 - u)) / temperature), u ~ U(0, 1) per entry; in evaluation (rng None)
+  the deterministic sigmoid(logits). Normalised over the skills S.
+  """
+  logits = logits.astype(jnp.float32)
+  if rng is not None:
+    u = jax.random.uniform(rng, logits.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
+    w = jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / temperature)
+  else:
+    w = jax.nn.sigmoid(logits)
+  return w / (w.sum(1, keepdims=True) + 1e-12)
+
+
 @ROUTERS.register("poly")
 class PolyLoRA:
   """Poly (heads=1) / MHR (heads>1): per-task mixtures of S LoRA skills.
 
+  Ponti et al. 2023 (arXiv:2202.13914), Caccia et al. 2023 (arXiv:2211.03831).
   params: {'skills': {path: {'lora_a': (S, d, r), 'lora_b': (S, r, o)}},
            'alloc': {path: {'logits': (T, S, H)}},
            'alloc_eval': {path: {'logits': (S, H)}}}
   A row's task comes from inputs['adapter_index'] (training); without it
   'alloc_eval' is used (evaluation: set it to a task's row, to zeros for
   MHR-mu's uniform average, or fit it for MHR-z). Mixture weights are
-  sigmoid(logits) normalised over skills (Poly's deterministic relaxation).
-  Head h mixes rows h*d/H.. of A and columns h*o/H.. of B separately.
+  `allocation`: a relaxed-Bernoulli sample per row and module when apply gets
+  an rng with deterministic=False (training: Fitter(dropout=True)), else the
+  deterministic sigmoid, normalised over skills. Head h mixes rows h*d/H.. of
+  A and columns h*o/H.. of B separately. The base model itself runs
+  deterministic (no model dropout) unless model_dropout=True: only the
+  allocation is stochastic.
   """
   trainable = r"(skills|alloc)/.*"
   name = "poly"
   cached_decoding = True  # per-example mixtures (mtjax.methods.transform)
 
   def __init__(self, lora: LoRAMethod, num_tasks: int, num_skills: int = 4,
-               heads: int = 1) -> None:
+               heads: int = 1, temperature: float = 1.0,
+               model_dropout: bool = False) -> None:
     self.lora, self.num_tasks = lora, int(num_tasks)
     self.num_skills, self.heads = int(num_skills), int(heads)
+    self.temperature, self.model_dropout = float(temperature), model_dropout
 
   def init(self, rng: Optional[jax.Array], model: Model,
            base_params: Optional[dict] = None) -> dict:
@@ -271,16 +366,18 @@ class PolyLoRA:
     return jnp.einsum("bsh,shnm->bhnm", heads_w, xh).reshape(-1, n, m)
 
   def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
-           ctx: transform.HookContext,
-           task: Optional[jax.Array]) -> jax.Array:
+           ctx: transform.HookContext, task: Optional[jax.Array],
+           rng: Optional[jax.Array] = None) -> jax.Array:
+    """y + x A_mix B_mix for x (B, ..., d); rng: sample the allocation."""
     y = next_fun(x)
     logits = leaf["logits"]
     if logits.ndim == 3:
       logits = logits[task]                           # (B, S, H)
     else:
       logits = jnp.broadcast_to(logits, (x.shape[0],) + logits.shape)
-    w = jax.nn.sigmoid(logits)
-    w = w / w.sum(1, keepdims=True)
+    if rng is not None:   # one sample per module: fold in its path
+      rng = jax.random.fold_in(rng, zlib.crc32(ctx.path.encode()))
+    w = allocation(logits, rng, self.temperature)
     dtype = ctx.module.dtype
     a = self._mix(leaf["lora_a"], w).astype(dtype)              # (B, d, r)
     bt = jnp.swapaxes(leaf["lora_b"], 1, 2)                      # (S, o, r)
@@ -293,13 +390,21 @@ class PolyLoRA:
             rng: Optional[jax.Array] = None, deterministic: bool = True,
             method: Union[str, Callable, None] = None,
             decode: Optional[str] = None, cache: Optional[dict] = None) -> Any:
-    """Logits, or (logits, cache) with `decode` (mtjax.methods.transform)."""
+    """Logits, or (logits, cache) with `decode` (mtjax.methods.transform).
+
+    rng with deterministic=False samples the allocation (training); the base
+    model gets them only with model_dropout=True.
+    """
     task = inputs.get("adapter_index")
     inputs = transform.model_kwargs(inputs)
     alloc = params["alloc"] if task is not None else params["alloc_eval"]
     tree = experts.merge_leaves(params["skills"], alloc)
+    sample = rng if (rng is not None and not deterministic) else None
+    if not self.model_dropout:
+      rng, deterministic = None, True
     icpt = transform.linear_interceptor(
-        tree, lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task),
+        tree, lambda nf, x, leaf, ctx: self.hook(nf, x, leaf, ctx, task,
+                                                 sample),
         None, rng, deterministic)
     return transform.run(model, params["base"], inputs, [icpt], rng=rng,
                          deterministic=deterministic, method=method,
@@ -307,7 +412,8 @@ class PolyLoRA:
 
 
 def poly_eval_params(params: dict, task: Optional[int] = None) -> dict:
-  """params with 'alloc_eval' = a trained task's row, or zeros (MHR-mu)."""
+  """params with 'alloc_eval' = a trained task's row, or zeros (MHR-mu: the
+  uniform average of the skills, Caccia et al. 2023, arXiv:2211.03831)."""
   def row(x):
     return x[task] if task is not None else jnp.zeros_like(x[0])
   return dict(params, alloc_eval=jax.tree.map(row, params["alloc"]))

@@ -224,12 +224,45 @@ def put_global_batch(batch: dict, mesh: Mesh) -> dict:
 
 # -------------------------------------------------------------------- loss
 
+def prompt_ends(method: Method, batch: dict) -> jax.Array:
+  """(B,) int32 index into input_ids of each row's last prompt token.
+
+  Decoder-only prefix-LM batches (seqio's PrefixLMFeatureConverter,
+  evaluate.score_rows): 'decoder_causal_attention' covers the start slot and
+  the inputs, so its last 1 is at len(inputs), where decoder_input_tokens
+  holds the last prompt token and whose logits predict the first target (0
+  for a row without any). A packed batch ('decoder_segment_ids') has several
+  prompts per row: refused.
+  """
+  if "decoder_segment_ids" in batch:
+    raise ValueError(
+        f"{type(method).__name__} reads each row's prompt end "
+        f"(prompt_end_input={method.prompt_end_input!r}), but this batch is "
+        "packed (decoder_segment_ids: several examples per row); build the "
+        "batches with pack=False")
+  if "decoder_causal_attention" not in batch:
+    raise ValueError(f"{type(method).__name__} needs each row's prompt end: "
+                     "give the batch 'decoder_causal_attention' (prefix-LM "
+                     "layout, see evaluate.score_rows)")
+  causal = jnp.asarray(batch["decoder_causal_attention"]) > 0
+  last = causal.shape[1] - 1 - jnp.argmax(causal[:, ::-1], axis=1)
+  return jnp.where(causal.any(1), last, 0).astype(jnp.int32)
+
+
 def token_scores(method: Method, model: Model, params: dict, batch: dict,
                  kind: str, rng: Optional[jax.Array] = None) -> tuple:
-  """Per-token log-likelihood and correctness of the targets, (B, L) each."""
+  """Per-token log-likelihood and correctness of the targets, (B, L) each.
+
+  A method naming a `prompt_end_input` (soft injection) gets each row's last
+  prompt position (`prompt_ends`, decoder-only; T5 has its own convention)
+  under that key, as evaluation's greedy decoding gives it.
+  """
   inputs = data.model_inputs(batch, kind)
   if "adapter_index" in batch:
     inputs["adapter_index"] = batch["adapter_index"]
+  key = getattr(method, "prompt_end_input", None)
+  if key and kind == "decoder":
+    inputs[key] = prompt_ends(method, batch)
   logits = method.apply(model, params, inputs, rng=rng,
                         deterministic=rng is None)
   targets = batch["decoder_target_tokens"]

@@ -1,0 +1,60 @@
+"""PHATGOOSE on real datasets: train/eval splits, template groups, intervals."""
+import numpy as np
+import pytest
+
+from mtjax.data import tasks
+from mtjax.evaluation import results
+from mtjax.experiments import phatgoose as pg
+
+DATA = tasks.default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "mc" / "piqa.jsonl").exists(),
+                                reason="../shared/data not present")
+
+
+@needs_data
+def test_val_train_and_val_test_split_the_validation_file():
+  real = tasks.real_tasks(DATA)
+  for task in (real["piqa"][0], real["piqa"][1], real["copa"][0]):
+    assert "val_train" in tasks.splits_of(task)
+    full, _ = tasks.render(task, "validation")
+    train, _ = tasks.render(task, "val_train")
+    test, _ = tasks.render(task, "val_test")
+    key = lambda e: (e["inputs"], e["targets"])
+    assert not {key(e) for e in train} & {key(e) for e in test}
+    assert len(train) + len(test) == len(full)
+    assert 0.1 < len(test) / len(full) < 0.3
+  # The same file rows on the same side for every template of a dataset.
+  a = tasks.render(real["piqa"][0], "val_test")[0]
+  b = tasks.render(real["piqa"][1], "val_test")[0]
+  assert len(a) == len(b)
+
+
+@needs_data
+def test_dataset_groups_are_templates_and_plain_only_without_them():
+  real = {d: [t.name for t in ts] for d, ts in tasks.real_tasks(DATA).items()}
+  reg = tasks.Registered(vocab_key="byte", held_in=["copy"], held_out=[],
+                         real=real, mixtures=[], names={"copy": "x"})
+  groups = pg.dataset_groups(reg, ["piqa", "siqa", "copy"], templates=2)
+  assert groups["piqa"] == real["piqa"][:2]
+  assert not any(t.endswith(".plain") for t in groups["piqa"])
+  assert groups["siqa"] == ["siqa.plain"]      # no promptsource template
+  assert groups["copy"] == ["copy"]            # a suite task: itself
+  with pytest.raises(KeyError, match="not registered"):
+    pg.dataset_groups(reg, ["no_such_dataset"])
+
+
+def test_median_of_templates_and_its_intervals():
+  rng = np.random.default_rng(0)
+  correct = {f"a{i}": rng.random(200) < p for i, p in enumerate((.5, .6, .9))}
+  correct.update({"b0": rng.random(100) < .3})
+  out = results.median_of_templates(
+      correct, {"a": ["a0", "a1", "a2"], "b": ["b0"]})
+  assert out["a"][0] == pytest.approx(np.mean(correct["a1"]))  # the median
+  assert out["b"][0] == pytest.approx(np.mean(correct["b0"]))
+  assert out["mean"][0] == pytest.approx((out["a"][0] + out["b"][0]) / 2)
+  for point, lo, hi in out.values():
+    assert lo <= point <= hi and hi - lo < 0.3
+  # More examples, narrower interval.
+  wide = results.median_of_templates({"x": correct["b0"][:25]}, {"x": ["x"]})
+  narrow = results.median_of_templates({"x": correct["b0"]}, {"x": ["x"]})
+  assert wide["x"][2] - wide["x"][1] > narrow["x"][2] - narrow["x"][1]
