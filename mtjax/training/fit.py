@@ -5,7 +5,8 @@ Every training in mtjax goes through `Fitter`: the trainer job
 in the PHATGOOSE experiment, and the soft-injection experiment's alpha, prompt
 and test-bed fitting. What differs between them is the method (which leaves
 are trainable), the optimizer config, the loss (trainer.target_token_loss by
-default) and what happens after each step (`on_step`: logging, checkpoints).
+default, wrapped by the method's `training_loss` if it has one, e.g. MPT's
+distillation) and what happens after each step (`on_step`: logging, checkpoints).
 
   fitter = Fitter(method, model, mesh, optimizer_config, num_steps,
                   num_tasks=len(batches.task_names))
@@ -33,7 +34,14 @@ class Fitter:
                optimizer: Config, num_steps: int, *,
                num_tasks: int = 1, seed: int = 0, grad_accum: int = 1,
                dropout: bool = False, trainable: Optional[str] = None,
-               loss: Callable = trainer.target_token_loss) -> None:
+               loss: Optional[Callable] = None) -> None:
+    """loss: per-token (nll, correct, weights) as trainer.target_token_loss;
+    default: the method's `training_loss(target_token_loss)` when it has one
+    (e.g. MPT's distillation), else target_token_loss."""
+    if loss is None:
+      loss = trainer.target_token_loss
+      if hasattr(method, "training_loss"):
+        loss = method.training_loss(loss)
     self.method, self.model, self.mesh = method, model, mesh
     self.num_steps = int(num_steps)
     self.trainable = trainable or method.trainable
