@@ -95,8 +95,8 @@ def get_config(variant="cpu"):
   c.methods = tuple(dict(name=n) for n in rows) + (
       # The multitask-tuned base (T0/BLOOMZ: full fine-tuning on the held-in
       # mixture), its own row rather than the experts' starting point.
-      (dict(name="multitask_full", kind="full", lr=c.base_lr,
-            steps=c.multitask_steps),) if full else ())
+      dict(name="multitask_full", kind="full", lr=c.base_lr,
+           steps=c.multitask_steps),)
   c.only = ""
   c.diagnostics_examples = 32
   c.continue_on_error = True
