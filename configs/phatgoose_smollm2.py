@@ -25,8 +25,10 @@ Variants:
   cpu   4 held-in datasets (piqa, arc_easy, commonsense_qa, openbook_qa),
         6 held-out (copa, xcopa_gmt.it, cb, rte, wsc, arc_challenge), 2
         templates each, 50 examples per template, 60 expert / 30 gate steps of
-        batch 8; fewer rows (see `methods`). Sized for 2 CPU cores (see
-        docs/results.md for the measured wall time).
+        batch 8, LoRA on q/v only, no mhr/mhr_z rows. Not yet run to the end:
+        on 2 shared CPU cores an expert step took about 20 s and a row's
+        evaluation of 4 template tasks x 8 examples 60-250 s (mostly XLA
+        compilation; docs/results.md), so expect several hours on CPU.
   full  8 held-in datasets (+ siqa, winogrande, hellaswag, boolq), the same
         held-out, 5 templates, 200 examples, 500 expert / 100 gate steps of
         batch 32, every row. For a GPU/TPU.
