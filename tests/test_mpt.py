@@ -142,11 +142,11 @@ def test_zero_lambdas_give_the_task_loss_and_others_add_the_terms(setup):
 
 
 def test_distillation_lowers_the_student_teacher_kl(setup):
-  """A few Fitter steps with the distillation loss bring the student's
-  next-token distributions closer to its task's teacher than before, and
-  closer than the same steps on the task loss alone (measured on CPU: mean
-  KL 0.450 before, 0.306 after distillation, 0.798 after the task loss
-  alone, whose random targets pull away from the teachers)."""
+  """A few Fitter steps with the distillation loss keep the student's
+  next-token distributions much closer to its task's teacher than the same
+  steps on the task loss alone (measured on CPU: mean KL 0.450 before, 0.306
+  after distillation, 0.798 after the task loss alone, whose random targets
+  pull away from the teachers)."""
   mesh, model, method, teacher, flat, sh = setup
   held = _batch(100, b=16)
   mean_kl = _mean_kl(method, model, teacher)
@@ -162,7 +162,10 @@ def test_distillation_lowers_the_student_teacher_kl(setup):
       state, frozen = fitter.init(flat, sh)
       state, _ = fitter.run(state, frozen, (_batch(s) for s in range(12)))
     kls[name] = mean_kl(fitter.params(state, frozen), held)
-  assert kls["distill"] < 0.85 * before, (before, kls)
+  # Against the same steps without distillation: robust across seeds
+  # (distill/task 0.38 here, 0.42 with teacher key 7 and init key 8). Against
+  # the untrained student it is not: with those keys the student starts
+  # closer (KL 0.167) than either run ends (0.214 distilled, 0.504 task).
   assert kls["distill"] < 0.6 * kls["task"], (before, kls)
 
 
