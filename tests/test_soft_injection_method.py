@@ -167,8 +167,11 @@ def test_scores_are_the_injection_at_the_prompt_end(setup):
         si.apply_injected(model, base, inputs, emb, alpha))]
   want, plain, last = references(base)
   np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
-  assert np.abs(scores - plain).min() > 1e-3
-  assert np.abs(scores - last).min() > 1e-3
+  # Every row differs by far more than the 1e-5 agreement above (the
+  # smallest gap was 9e-4 over three seeds: a random embedding can move one
+  # row's score only a little).
+  assert np.abs(scores - plain).min() > 1e-4
+  assert np.abs(scores - last).min() > 1e-4
 
 
 def test_greedy_generation_through_evaluate_equals_generate(setup):
