@@ -97,6 +97,14 @@ class Run:
       out.update({name: i, **{t: i for t in self.groups[name]}})
     return out
 
+  def eval_tasks(self, row: str) -> list:
+    """The tasks a row is evaluated on: held-in and held-out, or held-out
+    only when config.held_in_rows (a tuple of row names) leaves it out."""
+    rows = self.config.get("held_in_rows", None)
+    if rows is None or row in rows:
+      return self.tasks
+    return list(self.held_out)
+
   def split_of(self, task: str) -> str:
     """Evaluation split: held-in tasks use config.held_in_split when set
     (rows their experts never saw), every other task config.eval.split."""
@@ -454,7 +462,8 @@ def routed(run: Run, kind: str, entry: dict, **leaf_options) -> tuple:
 def base_step(run: Run, entry: dict) -> dict:
   del entry
   return evaluate_method(run, "base", FullFineTuning(),
-                         lambda t: {"base": run.base}, run.tasks)
+                         lambda t: {"base": run.base},
+                         run.eval_tasks("base"))
 
 
 @STEPS.register("multitask")
@@ -465,14 +474,16 @@ def multitask_step(run: Run, entry: dict) -> dict:
                     entry.get("lr", cfg.expert_lr),
                     entry.get("steps", cfg.multitask_steps),
                     batches(run, "held_in", cfg.seed + 3))
-  return evaluate_method(run, entry["name"], run.lora, lambda t: p, run.tasks)
+  return evaluate_method(run, entry["name"], run.lora, lambda t: p,
+                         run.eval_tasks(entry["name"]))
 
 
 def token_router_step(run: Run, entry: dict) -> dict:
   """A library router evaluated as is; PHATGOOSE and Arrow get diagnostics."""
   name, kind = entry["name"], entry.get("kind", entry["name"])
   router, p = routed(run, kind, entry)
-  res = evaluate_method(run, name, router, lambda t: p, run.tasks)
+  res = evaluate_method(run, name, router, lambda t: p,
+                        run.eval_tasks(name))
   if kind in ("phatgoose", "arrow"):
     recorder = Recorder(run, router)
     run.diagnostics[name], loads = diagnostics(run, recorder, lambda t: p,
@@ -506,7 +517,7 @@ def oracle_step(run: Run, entry: dict) -> dict:
   fns = eval_fns(run, router)
   res = evaluate_method(run, name, router,
                         lambda t: with_w(rb.one_hot(own[t], num_e)),
-                        run.held_in, fns)
+                        [t for t in run.eval_tasks(name) if t in own], fns)
   for d, tasks in run.groups.items():
     if d in run.experts:
       continue
@@ -541,7 +552,7 @@ def task_gate_step(run: Run, entry: dict) -> dict:
   row = {t: i for i, t in enumerate(rows)}
   return evaluate_method(run, entry["name"], gate,
                          lambda t: rb.task_gate_eval_params(p, row.get(t)),
-                         run.tasks)
+                         run.eval_tasks(entry["name"]))
 
 
 def task_avg_weights(recorder: Recorder, params: dict, examples: list,
@@ -573,7 +584,8 @@ def task_avg_step(run: Run, entry: dict) -> dict:
                              max_examples=cfg.diagnostics_examples)
     w = task_avg_weights(recorder, scorer_params, exs, num_e, top_k)
     return routing.routed_params(run.base, run.stacked, router, weights=w)
-  return evaluate_method(run, entry["name"], router, task_params, run.tasks)
+  return evaluate_method(run, entry["name"], router, task_params,
+                         run.eval_tasks(entry["name"]))
 
 
 def prompt_inputs(run: Run, method, host: dict) -> dict:
@@ -604,7 +616,8 @@ def retrieval_step(run: Run, entry: dict) -> dict:
   p = dict(routing.routed_params(run.base, run.stacked, router,
                                  weights=np.ones(num_e)),
            retrieval={"centroids": cen})
-  res = evaluate_method(run, entry["name"], router, lambda t: p, run.tasks)
+  res = evaluate_method(run, entry["name"], router, lambda t: p,
+                        run.eval_tasks(entry["name"]))
   run.diagnostics[entry["name"]], _ = diagnostics(
       run, Recorder(run, router), lambda t: p, run.tasks, num_e)
   return res
@@ -644,7 +657,8 @@ def poly_step(run: Run, entry: dict) -> dict:
                             if t in poly_own else fit_z(t))
   else:
     params_for = lambda t: rb.poly_eval_params(params, poly_own.get(t))
-  return evaluate_method(run, entry["name"], poly, params_for, run.tasks)
+  return evaluate_method(run, entry["name"], poly, params_for,
+                         run.eval_tasks(entry["name"]))
 
 
 for _kind in ("poly", "mhr", "mhr_mu", "mhr_z"):
@@ -682,7 +696,8 @@ def method_step(run: Run, entry: dict) -> dict:
                        entry.get("lr", cfg.expert_lr), steps,
                        batches(run, "held_in", cfg.seed + 3))
   run.log(f"{entry['name']}: {steps} steps, loss {loss:.3f}")
-  return evaluate_method(run, entry["name"], method, lambda t: p, run.tasks)
+  return evaluate_method(run, entry["name"], method, lambda t: p,
+                         run.eval_tasks(entry["name"]))
 
 
 def step_for(entry: dict) -> Callable:
