@@ -51,7 +51,8 @@ def setup(config, workdir, num_tasks=1):
   fitter = fit.Fitter(method, model, mesh, config.optimizer,
                       config.num_train_steps, num_tasks=num_tasks,
                       seed=config.seed, grad_accum=config.get("grad_accum", 1),
-                      dropout=config.get("dropout", False), trainable=pattern)
+                      dropout=config.get("dropout", False), trainable=pattern,
+                      remat=config.get("remat", "none"))
   state, frozen = fitter.init(flat, flat_sh)
   return dict(mesh=mesh, model=model, method=method, state=state,
               frozen=frozen, fitter=fitter, pattern=pattern)

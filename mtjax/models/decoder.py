@@ -103,6 +103,9 @@ class DecoderConfig:
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[Union[int, Tuple[int, ...]]] = None
   dtype: str = "float32"  # compute dtype; parameters are always f32
+  # Gradient checkpointing per block: 'none' | 'full' | 'dots'
+  # (layers.REMAT_POLICIES); not an HF field, set by the trainer (with_remat).
+  remat: str = "none"
 
   def __post_init__(self) -> None:
     if self.model_type not in ARCHS:
@@ -134,6 +137,7 @@ class DecoderConfig:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not one of "
                        f"{sorted(ACTIVATIONS)}")
     layers.dtype_of(self.dtype)  # validates
+    layers.check_remat(self.remat)
 
   @property
   def is_encoder_decoder(self) -> bool:
@@ -468,7 +472,9 @@ class Body(nn.Module):
     dt = layers.dtype_of(c.dtype)
     embed = layers.Embed(c.vocab_size, c.hidden_size, dt,
                          embedding_init=nn.initializers.normal(0.02))
-    blocks = [Block(c, i) for i in range(c.num_hidden_layers)]
+    # deterministic (argument 6, counting self) selects code paths: static.
+    block = layers.remat_block(Block, c.remat, static_argnums=(6,))
+    blocks = [block(c, i) for i in range(c.num_hidden_layers)]
     if c.is_bloom:
       self.word_embeddings = embed
       self.word_embeddings_layernorm = layers.LayerNorm(c.norm_eps, dt)

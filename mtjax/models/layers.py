@@ -121,6 +121,38 @@ def dtype_of(name: str) -> Dtype:
   return table[name]
 
 
+# Gradient checkpointing of each transformer block (config field `remat`):
+# 'none' stores every activation; 'full' stores only each block's input and
+# recomputes the rest in the backward pass; 'dots' also keeps the outputs of
+# matmuls without batch dimensions (the projections), recomputing the
+# elementwise ops and attention (jax.checkpoint_policies).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str) -> str:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat {policy!r} is not one of {sorted(REMAT_POLICIES)}"
+                     " (config.remat)")
+  return policy
+
+
+def remat_block(block_cls: type, policy: str, static_argnums: tuple) -> type:
+  """`block_cls` under `nn.remat` with REMAT_POLICIES[policy] ('none': as is).
+
+  static_argnums count `self` as 0 (flax.linen.remat). Parameter paths are
+  unchanged, so a checkpoint or method trained with one policy loads in any
+  other; method interceptors run inside the rematerialised call as usual.
+  """
+  if check_remat(policy) == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy],
+                  static_argnums=static_argnums)
+
+
 def default_hf_key(path: tuple[str, ...]) -> str:
   """HF state-dict key of a param path.
 

@@ -78,6 +78,9 @@ class T5Config:
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
   dtype: str = "float32"
+  # Gradient checkpointing per block: 'none' | 'full' | 'dots'
+  # (layers.REMAT_POLICIES); not an HF field, set by the trainer (with_remat).
+  remat: str = "none"
 
   def __post_init__(self) -> None:
     if self.num_decoder_layers is None:
@@ -92,6 +95,7 @@ class T5Config:
           "output; set tie_word_embeddings=False (or model_type='t5')")
     _ = self.activation  # validates feed_forward_proj
     layers.dtype_of(self.dtype)
+    layers.check_remat(self.remat)
 
   @property
   def is_encoder_decoder(self) -> bool:
@@ -362,8 +366,10 @@ class Stack(nn.Module):
     x = layers.constrain(x, ("batch", "length", "act_embed"))
     bias = None  # computed by block_0, shared by the others
     n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+    # deterministic and decode (arguments 7 and 8, counting self): static.
+    block = layers.remat_block(Block, cfg.remat, static_argnums=(7, 8))
     for i in range(n):
-      x, bias = Block(cfg, self.is_decoder, has_relative_bias=i == 0,
+      x, bias = block(cfg, self.is_decoder, has_relative_bias=i == 0,
                       name=f"block_{i}")(x, self_mask, bias, positions, encoded,
                                          cross_mask, deterministic, decode)
     x = _norm(cfg, "final_layer_norm")(x)

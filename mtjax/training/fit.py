@@ -34,10 +34,12 @@ class Fitter:
                optimizer: Config, num_steps: int, *,
                num_tasks: int = 1, seed: int = 0, grad_accum: int = 1,
                dropout: bool = False, trainable: Optional[str] = None,
-               loss: Optional[Callable] = None) -> None:
+               loss: Optional[Callable] = None, remat: str = "none") -> None:
     """loss: per-token (nll, correct, weights) as trainer.target_token_loss;
     default: the method's `training_loss(target_token_loss)` when it has one
-    (e.g. MPT's distillation), else target_token_loss."""
+    (e.g. MPT's distillation), else target_token_loss. remat: gradient
+    checkpointing of the step's model per block ('none' | 'full' | 'dots',
+    trainer.with_remat): less activation memory for a recomputed forward."""
     if loss is None:
       loss = trainer.target_token_loss
       if hasattr(method, "training_loss"):
@@ -47,7 +49,9 @@ class Fitter:
     self.trainable = trainable or method.trainable
     self.tx, self.schedule = trainer.make_optimizer(optimizer,
                                                     max(self.num_steps, 1))
-    self.step = trainer.make_train_step(method, model, self.tx, num_tasks,
+    self.step = trainer.make_train_step(method,
+                                        trainer.with_remat(model, remat),
+                                        self.tx, num_tasks,
                                         grad_accum, seed, dropout, loss)
     self.state_sh = self.frozen_sh = None
     self._fn = None

@@ -13,6 +13,7 @@ Every array is placed by the logical-axis rules (mtjax.models.sharding); the
 batch is sharded over ('data', 'fsdp') on its leading axis. The mesh shape
 comes from config.mesh_shape.
 """
+import dataclasses
 import re
 from typing import Any, Callable, Optional
 
@@ -64,6 +65,20 @@ def build_model(model_config: Config, rng: jax.Array, mesh: Mesh) -> tuple:
                      out_shardings=jax.tree.map(lambda x: x.sharding, params))(
                          params)
   return model, params
+
+
+def with_remat(model: Model, policy: str) -> Model:
+  """The model with gradient checkpointing per block (models.layers
+  REMAT_POLICIES: 'none' | 'full' | 'dots'); same parameters.
+
+  Training steps use it (Fitter(remat=...)); evaluation keeps the plain
+  model, whose recorded intermediates (routing records, hidden states) must
+  not be traced inside a rematerialised block.
+  """
+  layers.check_remat(policy)
+  if policy == getattr(model.config, "remat", "none"):
+    return model
+  return model.clone(config=dataclasses.replace(model.config, remat=policy))
 
 
 def model_kind(model: Model) -> str:
