@@ -129,6 +129,7 @@ def setup(config) -> Run:
           or model_cfg.get("vocab_size")):
     model_cfg.vocab_size = vocab.vocab_size
   model, base = trainer.build_model(model_cfg, rng, mesh)
+  trainer.check_vocab(model, vocab)
   held_in = dataset_groups(reg, config.held_in or reg.held_in,
                            config.get("templates", 0))
   held_out = dataset_groups(reg, config.held_out or reg.held_out,
@@ -808,11 +809,11 @@ def run(config, workdir: str) -> dict:
   with sharding.use_mesh(r.mesh):
     lib_dir = config.get("library_dir") or os.path.join(workdir, "library")
     if config.get("library_dir") and os.path.isdir(lib_dir):
-      library = ex.load_library(lib_dir, r.experts)   # base must match
+      library = ex.load_library(lib_dir, r.experts, base_params=r.base)
       r.log(f"loaded {r.num_experts} experts with gates from {lib_dir}")
     else:
       library = train_library(r, jax.random.fold_in(r.rng, 1))
-      ex.save_library(library, lib_dir, r.lora)
+      ex.save_library(library, lib_dir, r.lora, base_params=r.base)
       r.log(f"library written to {lib_dir}")
     r.stacked = ex.stack_library(library)
     r.log(f"library: {r.num_experts} experts, {size_mb(r.stacked):.1f} MB "

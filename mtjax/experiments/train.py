@@ -94,6 +94,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mixture = reg.seqio_name(config.data.mixture)
   s = setup(config, workdir, num_tasks=len(data.task_names(mixture, vocab)))
   mesh, model, method = s["mesh"], s["model"], s["method"]
+  trainer.check_vocab(model, vocab)
   n_train = sum(x.size for x in jax.tree.leaves(s["state"]["params"]))
   n_frozen = sum(x.size for x in jax.tree.leaves(s["frozen"]))
   _log(f"{model.config.model_type}: {n_train:,} trainable params "

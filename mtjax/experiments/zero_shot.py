@@ -106,6 +106,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError("the zero-shot job scores decoder-only LMs; "
                      f"{model.config.model_type} is encoder-decoder")
   vocab = data.vocabulary(config.vocab or default_vocab(config.model))
+  trainer.check_vocab(model, vocab, "config.vocab")
   reg = data.register(vocab)
   logging.info("model and vocabulary loaded in %.1f s", time.time() - start)
   method = methods.build({"name": "full"})

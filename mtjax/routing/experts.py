@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax.methods import adapters, transform
 from mtjax.methods import library as disk
-from mtjax.methods import transform
 from mtjax.models import sharding
 
 LoRAMethod = Any  # a mtjax.methods.lora.LoRA (rank, alpha, targets, scale)
@@ -125,21 +125,32 @@ def stack_library(library: dict, with_gates: bool = True) -> dict:
                        "its PHATGOOSE gates (train_gates) before routing")
     flats.append(transform.flatten(merge_leaves(*[e[k] for k in keys])))
   paths = sorted(flats[0])
+  first = library["names"][0]
   for name, f in zip(library["names"], flats, strict=True):
     if sorted(f) != paths:
       raise ValueError(f"expert {name!r} adapts different modules than "
-                       f"{library['names'][0]!r}; all experts need the same "
-                       "LoRA targets")
+                       f"{first!r}; all experts need the same LoRA targets "
+                       "(train them with one LoRA config)")
+    for p in paths:
+      if jnp.shape(f[p]) != jnp.shape(flats[0][p]):
+        raise ValueError(
+            f"expert {name!r} has {p} of shape {jnp.shape(f[p])}, "
+            f"{first!r} {jnp.shape(flats[0][p])}: the library mixes LoRA "
+            "ranks; stack experts of one rank (or merge to a common rank "
+            "with mtjax.merging.merge_lora)")
   return transform.nest({p: jnp.stack([jnp.asarray(f[p]) for f in flats])
                          for p in paths})
 
 
 def save_library(library: dict, root: str, lora: LoRAMethod,
-                 overwrite: bool = False) -> str:
+                 overwrite: bool = False,
+                 base_params: Optional[dict] = None) -> str:
   """Writes each expert (LoRA + its gates) as a mtjax.methods.library folder.
 
   An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
-  writes one new folder and leaves the others' files untouched.
+  writes one new folder and leaves the others' files untouched. With
+  `base_params`, each expert records the base's fingerprint, which
+  `load_library` checks.
   """
   lib = disk.Library(root)
   cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
@@ -147,17 +158,32 @@ def save_library(library: dict, root: str, lora: LoRAMethod,
   have = set(e.name for e in lib.list()) if os.path.isdir(root) else set()
   for name, entry in zip(library["names"], library["experts"], strict=True):
     if name not in have or overwrite:   # existing experts are left as they are
-      lib.add(name, cfg, entry, task=name, overwrite=overwrite)
+      lib.add(name, cfg, entry, task=name, overwrite=overwrite,
+              base_params=base_params)
   return root
 
 
-def load_library(root: str, names: Optional[Sequence[str]] = None) -> dict:
-  """The in-memory library from expert folders written by `save_library`."""
+def load_library(root: str, names: Optional[Sequence[str]] = None,
+                 base_params: Optional[dict] = None) -> dict:
+  """The in-memory library from expert folders written by `save_library`.
+
+  With `base_params`, an expert that recorded another base's fingerprint is
+  refused (its LoRA deltas were learned against other weights).
+  """
   lib = disk.Library(root)
   names = names or [e.name for e in lib.list()]
+  want = None if base_params is None else adapters.fingerprint(base_params)
   out = new_library()
   for name in names:
-    params = lib.get(name).params()
+    expert = lib.get(name)
+    have = (expert.info.get("base_model") or {}).get("fingerprint")
+    if want and have and have != want:
+      raise ValueError(
+          f"expert {name!r} in {root} was trained on a base with fingerprint "
+          f"{have}, but this run's base has {want}: its LoRA deltas do not "
+          "apply to these weights. Use a library trained from this base (or "
+          "this config's base model), or retrain the expert.")
+    params = expert.params()
     out = add_expert(out, name, params["lora"], params.get("gate"))
   return out
 

@@ -67,6 +67,23 @@ def build_model(model_config: Config, rng: jax.Array, mesh: Mesh) -> tuple:
   return model, params
 
 
+def check_vocab(model: Model, vocab: Any, where: str = "config.data.vocab"
+                ) -> None:
+  """Refuses a tokenizer with more ids than the model has embedding rows.
+
+  JAX clamps out-of-range gather indices, so such ids would silently read
+  the last embedding row. (Fewer ids is fine: HF models pad their
+  embeddings.)
+  """
+  n, rows = int(vocab.vocab_size), int(model.config.vocab_size)
+  if n > rows:
+    raise ValueError(
+        f"{where}: the tokenizer has {n} ids but the model's embedding has "
+        f"{rows} rows, so ids >= {rows} would be read as row {rows - 1}. Use "
+        "the model's own tokenizer ('gguf:<file>' or 'hf:<folder>') or a "
+        f"model config with vocab_size >= {n}.")
+
+
 def with_remat(model: Model, policy: str) -> Model:
   """The model with gradient checkpointing per block (models.layers
   REMAT_POLICIES: 'none' | 'full' | 'dots'); same parameters.
