@@ -146,7 +146,12 @@ def launch(command, num_processes=2, devices_per_process=4, platform="cpu",
     for log in logs:
       if log:
         log.close()
-  if received:  # the processes' codes then only echo the forwarded signal
+  if received:
+    # Every process stopped cleanly (e.g. saved a preemption checkpoint on
+    # SIGTERM and exited 0): success. Otherwise the codes only echo the
+    # forwarded signal.
+    if all(p.returncode == 0 for p in procs):
+      return 0
     return 128 + received[0]
   return failure[1] if failure else 0
 

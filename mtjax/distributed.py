@@ -20,6 +20,7 @@ per-process batches into one global jax.Array sharded over the mesh.
 """
 import logging
 import os
+import signal
 import sys
 
 import jax
@@ -122,6 +123,38 @@ def _exit_promptly_on_uncaught_exception():
     sys.stderr.flush()
     os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
   sys.excepthook = hook
+
+
+class PreemptionNotice:
+  """Whether the job was asked to stop (SIGTERM: Spot/queued TPU reclaim,
+  SLURM's time limit, k8s eviction), agreed by every process at one step.
+
+  Multi-process jobs use JAX's preemption sync manager
+  (`multihost_utils.reached_preemption_sync_point`): it catches SIGTERM on
+  any host, and every host learns the same step at which to save. A single
+  process has no sync manager, so a SIGTERM handler sets a flag, read at the
+  next step. `reached(step)` must be called at every step by every process.
+  """
+
+  def __init__(self) -> None:
+    self.signalled = False
+    self.multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    if not self.multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.signalled
+
+  def close(self) -> None:
+    """Restores the previous SIGTERM handler."""
+    if not self.multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def is_main_process():

@@ -5,7 +5,9 @@ processes at once, like a lost machine) after step KILL_AT, restarted with the
 same command, and must resume from its last orbax checkpoint. Its loss curve,
 final state and evaluation results must match a 1-process x 8-device run of
 the same config (whose batches do not depend on the process count:
-data.shard_by='rows').
+data.shard_by='rows'). A SIGTERM to another 2 x 4 run makes every process
+save the step JAX's preemption sync manager agrees on and exit 0; resumed,
+it ends like the 1 x 8 run.
 
 The measured differences print with
   python -m pytest -q -s tests/test_multihost.py
@@ -36,7 +38,7 @@ PARAM_TOL = 1e-5    # absolute; params are O(1)
 TIMEOUT_S = 600
 
 
-def _launch(workdir, num_processes, devices_per_process):
+def _launch(workdir, num_processes, devices_per_process, watch_step=None):
   command = [sys.executable, str(REPO / "launch" / "local.py"),
              f"--num_processes={num_processes}",
              f"--devices_per_process={devices_per_process}", "--",
@@ -52,7 +54,7 @@ def _launch(workdir, num_processes, devices_per_process):
   def read():
     for line in proc.stdout:
       proc.lines.append(line)
-      if line.startswith(f"[0] step {KILL_AT}/"):
+      if line.startswith(f"[0] step {watch_step or KILL_AT}/"):
         proc.seen_kill_step.set()
   proc.reader = threading.Thread(target=read, daemon=True)
   proc.reader.start()
@@ -231,3 +233,36 @@ def test_sigkilled_run_resumes_where_it_stopped(runs):
         f"checkpoint {resumed_from}; steps {twice} re-ran with identical "
         "metrics")
   assert _checkpoints(runs["two"])[-1] == STEPS
+
+
+PREEMPT_AT = 4      # between the periodic checkpoints 3 and 6
+
+
+def test_sigterm_on_two_processes_saves_one_step_and_resumes(runs, tmp_path):
+  """SIGTERM (a Spot/queued TPU reclaim, a SLURM time limit) reaches every
+  process; JAX's preemption sync manager agrees on one step, every process
+  saves it and exits 0, and the resumed run ends where the 1 x 8 one does."""
+  workdir = tmp_path / "preempted"
+  proc = _launch(workdir, 2, 4, watch_step=PREEMPT_AT)
+  if not proc.seen_kill_step.wait(TIMEOUT_S):
+    _kill_all(proc)
+    pytest.fail("never logged step %d:\n%s" % (PREEMPT_AT,
+                                              "".join(proc.lines)[-5000:]))
+  proc.send_signal(signal.SIGTERM)        # the launcher forwards it to both
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-5000:]
+  line = next(x for x in out.splitlines() if "preempted (SIGTERM)" in x)
+  saved = int(line.split("checkpoint of step ")[1].split()[0])
+  assert PREEMPT_AT <= saved < STEPS, line
+  assert saved in _checkpoints(workdir), _checkpoints(workdir)
+  assert not (workdir / "results.json").exists()
+  resumed = _launch(workdir, 2, 4)
+  resumed_out = _finish(resumed)
+  assert resumed.returncode == 0, resumed_out[-5000:]
+  assert f"resumed from step {saved}" in resumed_out, resumed_out[-3000:]
+  ref = _state(runs["one"], STEPS)
+  got = _state(workdir, STEPS)
+  dp = _max_abs_diff(ref["params"], got["params"])
+  print(f"\n[multihost] SIGTERM after step {PREEMPT_AT}: saved step {saved}, "
+        f"resumed; final params vs 1x8 max abs diff {dp:.3g}")
+  assert dp <= PARAM_TOL

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from mtjax.training import checkpoint
 
@@ -56,40 +57,77 @@ def _final_params(workdir):
   return step, {k: np.asarray(v) for k, v in state["params"].items()}
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The reference: the same run without interruption."""
+  full = str(tmp_path_factory.mktemp("full"))
   subprocess.run(_cmd(full), cwd=REPO, env=_env(), check=True,
                  capture_output=True)
+  return full
 
-  kill_after = int(np.random.default_rng(0).integers(4, STEPS - 1))  # fixed
-  proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(),
+
+def _run_until(workdir, step, sig):
+  """Starts the run and sends `sig` once it logged `step`: (code, stdout)."""
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                           text=True)
+  out = []
   for line in proc.stdout:
-    if line.startswith(f"step {kill_after}/"):
-      proc.send_signal(signal.SIGKILL)
+    out.append(line)
+    if line.startswith(f"step {step}/"):
+      proc.send_signal(sig)
       break
+  out.extend(proc.stdout)
   proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-  assert not os.path.exists(os.path.join(killed, "results.json"))
+  return proc.returncode, "".join(out)
 
-  resumed = subprocess.run(_cmd(killed), cwd=REPO, env=_env(), check=True,
-                           capture_output=True, text=True).stdout
-  line = next(l for l in resumed.splitlines() if l.startswith("resumed from"))
-  start = int(line.split()[-1])
-  assert 0 < start <= kill_after and start % EVERY == 0, (start, kill_after)
 
+def _same_as_uninterrupted(full, resumed, start):
   step_a, params_a = _final_params(full)
-  step_b, params_b = _final_params(killed)
+  step_b, params_b = _final_params(resumed)
   assert step_a == step_b == STEPS
   assert params_a.keys() == params_b.keys()
   for k in params_a:
     np.testing.assert_allclose(params_b[k], params_a[k], atol=1e-6, err_msg=k)
-  la, lb = _losses(full), _losses(killed)
+  la, lb = _losses(full), _losses(resumed)
   assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
   assert [lb[s] for s in range(start + 1, STEPS + 1)] == \
       [la[s] for s in range(start + 1, STEPS + 1)]
-  assert os.path.exists(os.path.join(killed, "results.json"))
+  assert os.path.exists(os.path.join(resumed, "results.json"))
+
+
+def _resume(workdir):
+  out = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(), check=True,
+                       capture_output=True, text=True).stdout
+  line = next(x for x in out.splitlines() if x.startswith("resumed from"))
+  return int(line.split()[-1])
+
+
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  killed = str(tmp_path / "killed")
+  kill_after = int(np.random.default_rng(0).integers(4, STEPS - 1))  # fixed
+  code, _ = _run_until(killed, kill_after, signal.SIGKILL)
+  assert code == -signal.SIGKILL, "the run ended before the kill"
+  assert not os.path.exists(os.path.join(killed, "results.json"))
+  start = _resume(killed)
+  assert 0 < start <= kill_after and start % EVERY == 0, (start, kill_after)
+  _same_as_uninterrupted(uninterrupted, killed, start)
+
+
+def test_sigterm_checkpoints_the_next_step_exits_and_resumes_exactly(
+    uninterrupted, tmp_path):
+  # Between periodic checkpoints (every 3): only the preemption save keeps
+  # the steps since the last one.
+  workdir, term_after = str(tmp_path / "preempted"), 7
+  code, out = _run_until(workdir, term_after, signal.SIGTERM)
+  assert code == 0, out[-3000:]
+  line = next(x for x in out.splitlines() if x.startswith("preempted"))
+  saved = int(line.split("checkpoint of step ")[1].split()[0])
+  assert term_after <= saved < STEPS and saved % EVERY, (saved, line)
+  assert "run the same command again to resume" in line
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert _resume(workdir) == saved
+  _same_as_uninterrupted(uninterrupted, workdir, saved)
 
 
 def _state(x):
@@ -139,3 +177,40 @@ def test_restore_places_arrays_with_target_shardings(tmp_path):
   state, step = checkpoint.restore_latest(mngr, target)
   assert step == 1 and state["w"].sharding == sharded
   np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(16.0))
+
+
+def _largest_file(folder):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+def test_damaged_latest_checkpoint_is_named_kept_and_the_previous_used(
+    tmp_path, capsys, damage):
+  workdir = str(tmp_path)
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    assert checkpoint.save(mngr, step, _state(step))
+  mngr.close()
+  folder = os.path.join(workdir, "checkpoints")
+  victim = _largest_file(os.path.join(folder, "3"))   # the array data
+  with open(victim, "rb") as f:
+    raw = f.read()
+  with open(victim, "wb") as f:
+    f.write(raw[:len(raw) // 2] if damage == "truncated" else bytes(len(raw)))
+
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  state, step = checkpoint.restore_latest(mngr, _state(0))
+  assert step == 2 and int(state["step"]) == 2
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]), 2.0)
+  assert "damaged checkpoint 3" in capsys.readouterr().out
+  # Kept for inspection, not deleted; the step can be saved again.
+  kept = os.path.join(folder, "3.damaged")
+  assert os.path.isdir(kept) and os.path.exists(
+      victim.replace(os.path.join(folder, "3"), kept))
+  assert mngr.all_steps() == [1, 2]
+  assert checkpoint.save(mngr, 3, _state(3))
+  mngr.close()
+  mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
+  state, step = checkpoint.restore_latest(mngr, _state(0))
+  assert step == 3 and float(state["params"]["w"][0, 0]) == 3.0

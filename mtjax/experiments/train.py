@@ -112,8 +112,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   lengths = {"inputs": config.data.inputs_length,
              "targets": config.data.targets_length}
   if start < config.num_train_steps:
-    state = _train_loop(config, workdir, s, state, start, mngr, vocab, reg,
-                        kind, lengths)
+    try:
+      state = _train_loop(config, workdir, s, state, start, mngr, vocab, reg,
+                          kind, lengths)
+    except Preempted as p:
+      mngr.wait_until_finished()
+      mngr.close()
+      _log(f"preempted (SIGTERM): checkpoint of step {p.step} saved in "
+           f"{workdir}; run the same command again to resume from it")
+      return {"preempted_at_step": p.step}
   mngr.wait_until_finished()
   mngr.close()
 
@@ -129,6 +136,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     path = results_lib.write_json(res, workdir)
     _log("\n" + results_lib.table(res, groups) + f"\n(written to {path})")
   return res
+
+
+class Preempted(Exception):  # noqa: N818 (an event, not a failure)
+  """Raised by the fit loop after the preemption checkpoint of `step`."""
+
+  def __init__(self, step: int) -> None:
+    super().__init__(step)
+    self.step = step
 
 
 def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
@@ -166,6 +181,8 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
       host["adapter_index"] = host[adapter_key]
     return host
 
+  preemption = distributed.PreemptionNotice()
+
   def on_step(done, state, m):
     scalars = None
     if done % log_every == 0 or done == total:
@@ -176,13 +193,17 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
         log_file.write(json.dumps({"step": done, **scalars}) + "\n")
         log_file.flush()
     progress.update(done, scalars)
-    checkpoint.save(mngr, done, state, force=done == total)
+    stop = preemption.reached(done)
+    checkpoint.save(mngr, done, state, force=done == total or stop)
+    if stop and done < total:
+      raise Preempted(done)
 
   try:
     with sharding.use_mesh(mesh):
       state, _ = fitter.run(state, s["frozen"], batches, start, put=put,
                             prepare=prepare, on_step=on_step)
   finally:
+    preemption.close()
     progress.close()
     writer.flush()
     if log_file:

@@ -7,7 +7,10 @@ from the config (config.seed or config.model.hf_path) at start.
 Atomicity is orbax's: a step is written to '<step>.orbax-checkpoint-tmp-*'
 and renamed when complete, and CheckpointManager lists only finalized steps,
 so a save killed half-way is never restored. Such leftovers are reported
-(never deleted) by `incomplete_checkpoints`.
+(never deleted) by `incomplete_checkpoints`. A finalized checkpoint whose
+files were damaged later (truncated, zeroed, missing) fails tensorstore's
+read checks: `restore_latest` names it, moves it aside and uses the previous
+one.
 """
 import datetime
 import json
@@ -19,6 +22,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
+from mtjax import distributed
+
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 Config = Any  # an ml_collections.ConfigDict
@@ -28,10 +33,9 @@ def manager(workdir: str, save_every: int, keep: int,
             async_save: bool = True) -> ocp.CheckpointManager:
   """CheckpointManager saving every `save_every` steps and keeping the last `keep`."""
   # Orbax's default policy also saves the first step; keep saves periodic
-  # (plus preemption saves and the forced final one).
-  policy = save_policy.AnySavePolicy([
-      save_policy.FixedIntervalPolicy(save_every),
-      save_policy.PreemptionCheckpointingPolicy()])
+  # and forced ones: the final step and the preemption step, which the fit
+  # loop decides (distributed.PreemptionNotice).
+  policy = save_policy.FixedIntervalPolicy(save_every)
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policy, max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
@@ -48,19 +52,47 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict,
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: dict) -> tuple:
-  """(state, step) from the latest finalized checkpoint, or (state, 0).
+  """(state, step) from the latest checkpoint that restores, or (state, 0).
 
   `state` is the freshly initialised state: its shapes, dtypes and shardings
   are the restore target, so arrays land directly where the train step
   expects them (under any mesh, whatever mesh saved them).
+
+  A finalized checkpoint that fails to restore (a truncated or zeroed array
+  file, a missing file: tensorstore's checks fail) is named in the log and
+  moved aside to '<step>.damaged' (kept, never deleted), and the previous
+  one is tried; training then redoes the steps since that one.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return state, 0
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))
-  return restored["state"], step
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # noqa: BLE001 (any read failure: damaged)
+      aside = move_aside(mngr, step)
+      logging.error("checkpoint %d cannot be restored (%s: %s); moved to %s, "
+                    "trying the previous one", step, type(e).__name__,
+                    str(e).splitlines()[0][:300], aside)
+      print(f"damaged checkpoint {step} ({type(e).__name__}) moved to "
+            f"{aside}; trying the previous one", flush=True)
+      continue
+    return restored["state"], step
+  return state, 0
+
+
+def move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Renames checkpoint `step` to '<step>.damaged[.<n>]' (process 0; every
+  process waits), and makes the manager forget it."""
+  folder = os.fspath(mngr.directory)
+  src = os.path.join(folder, str(step))
+  dst, n = src + ".damaged", 1
+  while os.path.exists(dst):
+    dst, n = f"{src}.damaged.{n}", n + 1
+  if jax.process_index() == 0:
+    os.rename(src, dst)
+  distributed.sync(f"checkpoint_move_aside_{step}")
+  mngr.reload()
+  return dst
 
 
 def incomplete_checkpoints(workdir: str) -> list:
