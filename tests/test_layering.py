@@ -6,11 +6,12 @@ of lower layers only:
   0  registry                       name -> class/function tables
   1  models, data, distributed      base models; seqio data; multi-process glue
   2  methods                        pure transforms, the expert library
-  3  routing                        scores, kernels, routed LoRA, routers
-  4  training                       the one fit loop, step, optimizer, ckpts
-  5  evaluation                     rank classification, generation, results
-  6  experiments                    one module per pipeline
-  7  main                           the command line
+  3  merging                        task-vector / LoRA merges, learned merges
+  4  routing                        scores, kernels, routed LoRA, routers
+  5  training                       the one fit loop, step, optimizer, ckpts
+  6  evaluation                     rank classification, generation, results
+  7  experiments                    one module per pipeline
+  8  main                           the command line
 
 A failure names the file and line of the offending import.
 """
@@ -21,8 +22,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "mtjax"
 LAYERS = (("registry",), ("models", "data", "distributed"), ("methods",),
-          ("routing",), ("training",), ("evaluation",), ("experiments",),
-          ("main",))
+          ("merging",), ("routing",), ("training",), ("evaluation",),
+          ("experiments",), ("main",))
 LAYER_OF = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
 
 

@@ -13,8 +13,9 @@ Muqeeth et al. 2024 (arXiv:2402.05859); configs/phatgoose.py describes the run.
 
 What runs an entry, looked up by its kind:
   1. a function registered in `STEPS` here (base, multitask, oracle,
-     task_gate, task_avg, retrieval, poly, mhr, mhr_mu, mhr_z, and the
-     token-level routers below);
+     task_gate, task_avg, retrieval, poly, mhr, mhr_mu, mhr_z, the
+     token-level routers below, and 'merge': a merge of the library's
+     experts from mtjax.merging, static or learned, `merge_step`);
   2. else a router in mtjax.routing.ROUTERS that needs no training: the
      library's routed params, evaluated (options: top_k, impl);
   3. else a method in mtjax.methods.METHODS: trained on the held-in mixture
@@ -33,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import data, methods, routing
+from mtjax import data, merging, methods, routing
 from mtjax.data import suite
 from mtjax.data import tasks as tasks_lib
 from mtjax.evaluation import evaluate, plots
 from mtjax.evaluation import results as results_lib
 from mtjax.experiments.train import JOBS
+from mtjax.methods import adapters
 from mtjax.methods import lora as lora_lib
 from mtjax.methods.full import FullFineTuning
 from mtjax.models import sharding
@@ -687,6 +689,96 @@ def alloc_fitter(run: Run, poly, params) -> Callable:
   return fit_task
 
 
+# ---------------------------------------------------------------- merges
+
+def expert_task_vectors(run: Run) -> list:
+  """The library's experts as task vectors over the base: per expert
+  {module path/kernel: A B s}, with the base's fingerprint (mtjax.merging)."""
+  fp = adapters.fingerprint(run.base)
+  return [merging.TaskVector(merging.lora_delta(run.lora, {"lora": tree}), fp)
+          for tree in expert_lora_trees(run)]
+
+
+def unlabeled_prompt_batches(run: Run, tasks: list, seed: int):
+  """Endless training-layout batches of the prompts of `tasks`' evaluation
+  examples, unlabeled: each row is (prompt, one placeholder target token),
+  so the loss-weighted position is where the model predicts the answer's
+  first token, and no answer is ever read (AdaMerging's test-time data)."""
+  exs = [e for t in tasks for e in data.eval_examples(
+      t, run.vocab, split=run.split_of(t),
+      max_examples=run.config.eval.max_examples)]
+  rng = np.random.default_rng(seed)
+  bs, pad = run.config.batch_size, data.pad_token_id(run.vocab)
+  while True:
+    pick = rng.choice(len(exs), bs, replace=len(exs) < bs)
+    batch = evaluate.score_rows([(exs[i]["input_ids"], [pad]) for i in pick],
+                                run.kind, run.lengths, pad_id=pad,
+                                lm=data.lm_format(run.vocab))
+    batch["task_index"] = np.zeros(bs, np.int32)
+    yield batch
+
+
+@STEPS.register("merge")
+def merge_step(run: Run, entry: dict) -> dict:
+  """A merge of the library's experts (mtjax.merging.MERGES), evaluated as
+  one model on every task of the row (zero-shot on held-out tasks).
+
+  entry: {'name': row, 'kind': 'merge', 'merge': {'name': 'ties',
+  'density': 0.2, ...}, 'weights': (E,) or a number for every expert,
+  'steps', 'lr', 'data'}. Static merges are computed once. Learned merges
+  are fitted with the one fit loop for `steps` steps on 'data':
+  'held_out_prompts' (unlabeled prompts of the held-out tasks: AdaMerging's
+  test-time adaptation) or 'held_in' (the held-in mixture: aTLAS, Self
+  Positioning, ScaLearn with the experts' own training data, so held-out
+  tasks stay zero-shot).
+  """
+  cfg = run.config
+  spec = dict(entry.get("merge") or {"name": entry["name"]})
+  tvs = expert_task_vectors(run)
+  name = spec["name"]
+  if issubclass(merging.MERGES.get(name), merging.static.StaticMerge):
+    merge = merging.MERGES.build(spec)
+    w = entry.get("weights", 1.0)
+    w = np.full(run.num_experts, w) if np.ndim(w) == 0 else np.asarray(w)
+    merged = merge(tvs, w, jax.random.fold_in(run.rng, 11))
+    params = merging.apply_task_vector(run.base, merged)
+    run.log(f"{entry['name']}: {name} of {run.num_experts} experts")
+  else:
+    if name == "scalearn":
+      merge = merging.MERGES.build(spec, experts=[
+          merging.LoRAExpert(run.lora, {"lora": tree})
+          for tree in expert_lora_trees(run)])
+    else:
+      merge = merging.MERGES.build(spec, task_vectors=tvs)
+    source = entry.get("data", "held_out_prompts" if name == "adamerging"
+                       else "held_in")
+    it = (unlabeled_prompt_batches(run, run.held_out, cfg.seed + 13)
+          if source == "held_out_prompts"
+          else batches(run, "held_in", cfg.seed + 14))
+    steps = entry.get("steps", cfg.get("merge_steps", 20))
+    lr = entry.get("lr", 1e-2)
+    # dropout=True hands the step an rng: ScaLearn drops scales in training.
+    fitter = fit.Fitter(merge, run.model, run.mesh, optimizer(cfg, lr), steps,
+                        seed=cfg.seed, dropout=name == "scalearn")
+    fitted, loss = fit_method(run, merge, run.base, run.rng, lr, steps, it,
+                              fitter=fitter)
+    run.trained[f"merge {entry['name']}"] = (merge, fitted)
+    params = merge.merge(run.model, fitted)
+    run.log(f"{entry['name']}: {name} fitted {steps} steps on {source}, "
+            f"loss {loss:.4f}")
+  return evaluate_method(run, entry["name"], FullFineTuning(),
+                         lambda t: {"base": params},
+                         run.eval_tasks(entry["name"]))
+
+
+def expert_lora_trees(run: Run) -> list:
+  """Per expert, its LoRA tree {module: {'lora_a', 'lora_b'}} (no gates)."""
+  flat = trainer.flatten(run.stacked)
+  return [trainer.unflatten({k: v[i] for k, v in flat.items()
+                             if k.endswith(("/lora_a", "/lora_b"))})
+          for i in range(run.num_experts)]
+
+
 def method_step(run: Run, entry: dict) -> dict:
   """A registered method trained on the held-in mixture from the base."""
   cfg = run.config
@@ -803,6 +895,12 @@ def run(config, workdir: str) -> dict:
   entries = selected_entries(config)
   for entry in entries:
     step_for(entry)   # a clear error before anything trains
+  lib = config.get("library_dir") or ""
+  if config.get("require_library") and not os.path.isdir(lib):
+    raise FileNotFoundError(
+        f"config.library_dir={lib!r} is not an expert library, and this "
+        "config only reuses one (require_library): run the PHATGOOSE config "
+        "first (its WORKDIR/library), or point --config.library_dir at it")
   os.makedirs(workdir, exist_ok=True)
   r = setup(config)
   r.workdir = workdir

@@ -1,0 +1,99 @@
+"""Merges as rows of the PHATGOOSE experiment (experiments.phatgoose
+merge_step): static and learned merges of the library's experts go through
+the same path as the routers (library -> Fitter -> evaluate), and keep their
+defining properties there."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import merging_smollm2
+from mtjax import merging
+from mtjax.experiments import phatgoose as pg
+from mtjax.models import sharding
+from mtjax.routing import experts as ex
+from mtjax.training import trainer
+from tests.test_phatgoose import _config
+
+
+@pytest.fixture(scope="module")
+def run():
+  cfg = _config()
+  cfg.expert_steps = cfg.gate_steps = 10
+  cfg.eval.max_examples = 16
+  r = pg.setup(cfg)
+  with sharding.use_mesh(r.mesh):
+    r.stacked = ex.stack_library(pg.train_library(r, jax.random.key(1)))
+  return r
+
+
+def _row(run, **entry):
+  entry = {"kind": "merge", **entry}
+  with sharding.use_mesh(run.mesh):
+    return pg.run_entries(run, [entry])[0][entry["name"]]
+
+
+def test_static_merges_run_and_weight_zero_is_the_base(run):
+  base = _row(run, name="base", kind="base")
+  zero = _row(run, name="ta0", merge={"name": "task_arithmetic"}, weights=0.0)
+  for t in base:
+    np.testing.assert_array_equal(run.correct["ta0"][t],
+                                  run.correct["base"][t])
+  ties = _row(run, name="ties", merge={"name": "ties", "density": 0.2})
+  dare = _row(run, name="dare", merge={"name": "dare_ties", "density": 0.5})
+  assert set(ties) == set(dare) == set(zero) == set(run.eval_tasks("ties"))
+
+
+def test_task_vectors_are_the_experts_updates(run):
+  tvs = pg.expert_task_vectors(run)
+  assert len(tvs) == run.num_experts
+  trees = pg.expert_lora_trees(run)
+  flat = trainer.flatten(trees[1])
+  path = sorted(k for k in flat if k.endswith("/lora_a"))[0][:-len("/lora_a")]
+  want = flat[path + "/lora_a"] @ flat[path + "/lora_b"] * run.lora.scale
+  got = trainer.flatten(tvs[1].delta)[path + "/kernel"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert tvs[0].base == tvs[1].base is not None
+
+
+@pytest.mark.parametrize("name", ["adamerging", "atlas", "self_positioning",
+                                  "scalearn"])
+def test_learned_merges_train_only_their_coefficients(run, name):
+  res = _row(run, name=name, merge={"name": name}, steps=3, lr=5e-2)
+  assert set(res) == set(run.eval_tasks(name))
+  merge, fitted = run.trained[f"merge {name}"]
+  init = trainer.flatten(nn.unbox(
+      merge.init(jax.random.key(0), run.model, run.base)))
+  got = trainer.flatten(fitted)
+  moved = [k for k in init if not np.allclose(got[k], init[k])]
+  assert moved and all(k.startswith(merge.trainable.split("/")[0] + "/")
+                       for k in moved), moved
+  assert all(np.isfinite(np.asarray(got[k])).all() for k in moved)
+  base = trainer.flatten({"base": run.base})
+  for k in base:   # the base is frozen
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(base[k]))
+
+
+def test_adamerging_lowers_the_entropy_of_unlabeled_held_out_prompts(run):
+  _row(run, name="ada", merge={"name": "adamerging"}, steps=6, lr=5e-2)
+  merge, fitted = run.trained["merge ada"]
+  init = merge.init(jax.random.key(0), run.model, run.base)
+  init = {"base": run.base, **nn.unbox(init)}
+  batch = next(pg.unlabeled_prompt_batches(run, run.held_out, 99))
+  loss = merging.entropy_loss(trainer.target_token_loss)
+
+  def mean_entropy(p):
+    ent, _, w = loss(merge, run.model, run.kind, p,
+                     {k: np.asarray(v) for k, v in batch.items()}, None)
+    return float((ent * w).sum() / w.sum())
+  before, after = mean_entropy(init), mean_entropy(fitted)
+  assert after < before, (before, after)
+
+
+def test_merging_config_only_reuses_a_library(tmp_path):
+  cfg = merging_smollm2.get_config("cpu")
+  cfg.library_dir = str(tmp_path / "no_library")
+  with pytest.raises(FileNotFoundError, match="require_library"):
+    pg.run(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  assert [e["kind"] for e in cfg.methods[:7]] == ["merge"] * 7
