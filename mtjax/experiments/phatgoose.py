@@ -808,9 +808,13 @@ def step_for(entry: dict) -> Callable:
       f"({methods.METHODS.names()}); register it or fix the name")
 
 
-def run_entries(run: Run, entries: list, continue_on_error: bool = False
-                ) -> tuple:
-  """({row name: {task: metrics}}, {row name: error}) of config entries."""
+def run_entries(run: Run, entries: list, continue_on_error: bool = False,
+                on_row: Optional[Callable] = None) -> tuple:
+  """({row name: {task: metrics}}, {row name: error}) of config entries.
+
+  on_row(results, errors), if given, runs after each entry (the pipeline
+  writes the rows done so far, so a stopped run keeps them).
+  """
   results, errors = {}, {}
   for entry in entries:
     entry = dict(entry)
@@ -824,7 +828,27 @@ def run_entries(run: Run, entries: list, continue_on_error: bool = False
       run.log(f"METHOD {entry['name']} FAILED: {type(e).__name__}: {e}")
       errors[entry["name"]] = f"{type(e).__name__}: {e}"
     run.log(f"  ({entry['name']}: {time.time() - t0:.0f}s)")
+    if on_row is not None:
+      on_row(results, errors)
   return results, errors
+
+
+def write_results(r: Run, results: dict, errors: dict, path: str) -> tuple:
+  """(table text, output dict) of the rows so far, written to `path`."""
+  text, scores = table(r, results)
+  out = {"results": results, "scores": scores,
+         "averages": {n: {k: v[k][0] for k in ("held_in", "held_out")
+                          if k in v} for n, v in scores.items()},
+         "diagnostics": r.diagnostics, "correct": r.correct,
+         "errors": errors, "experts": r.experts, "groups": r.groups,
+         "held_out": r.held_out,
+         "library_mb": size_mb(r.stacked),
+         "seconds": time.time() - r.start}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(out, f, indent=1, default=json_default)
+  os.replace(tmp, path)
+  return text, out
 
 
 # -------------------------------------------------------------------- run
@@ -863,7 +887,8 @@ def table(run: Run, results: dict) -> tuple:
 
 def check_workdir(workdir: str, config) -> None:
   """Refuses to overwrite an earlier run's results or library."""
-  done = [f for f in ("phatgoose_results.json", "library")
+  done = [f for f in ("phatgoose_results.json",
+                      "phatgoose_results.partial.json", "library")
           if os.path.exists(os.path.join(workdir, f))]
   lib_dir = config.get("library_dir") or ""
   if lib_dir and os.path.abspath(lib_dir) == os.path.abspath(
@@ -916,19 +941,14 @@ def run(config, workdir: str) -> dict:
     r.stacked = ex.stack_library(library)
     r.log(f"library: {r.num_experts} experts, {size_mb(r.stacked):.1f} MB "
           f"({time.time() - r.start:.0f}s so far)")
-    results, errors = run_entries(r, entries,
-                                  config.get("continue_on_error", False))
-  text, scores = table(r, results)
-  out = {"results": results, "scores": scores,
-         "averages": {n: {k: v[k][0] for k in ("held_in", "held_out")
-                          if k in v} for n, v in scores.items()},
-         "diagnostics": r.diagnostics, "correct": r.correct,
-         "errors": errors, "experts": r.experts, "groups": r.groups,
-         "held_out": r.held_out,
-         "library_mb": size_mb(r.stacked),
-         "seconds": time.time() - r.start}
-  with open(os.path.join(workdir, "phatgoose_results.json"), "w") as f:
-    json.dump(out, f, indent=1, default=json_default)
+    partial = os.path.join(workdir, "phatgoose_results.partial.json")
+    results, errors = run_entries(
+        r, entries, config.get("continue_on_error", False),
+        on_row=lambda res, err: write_results(r, res, err, partial))
+  text, out = write_results(r, results, errors,
+                            os.path.join(workdir, "phatgoose_results.json"))
+  if os.path.exists(partial):
+    os.remove(partial)
   report(r, text, errors)
   return out
 
