@@ -139,8 +139,14 @@ class PreemptionNotice:
   def __init__(self) -> None:
     self.signalled = False
     self.multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    self._installed, self._previous = False, None
     if not self.multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+      except ValueError:   # not the main thread: no handler, no notice
+        logging.warning("PreemptionNotice: not in the main thread; SIGTERM "
+                        "will not checkpoint before exiting")
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
@@ -153,8 +159,8 @@ class PreemptionNotice:
 
   def close(self) -> None:
     """Restores the previous SIGTERM handler."""
-    if not self.multi:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:   # None: a handler not set from Python -> default
+      signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def is_main_process():

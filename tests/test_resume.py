@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mtjax import distributed
 from mtjax.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,3 +215,13 @@ def test_damaged_latest_checkpoint_is_named_kept_and_the_previous_used(
   mngr = checkpoint.manager(workdir, save_every=1, keep=5, async_save=False)
   state, step = checkpoint.restore_latest(mngr, _state(0))
   assert step == 3 and float(state["params"]["w"][0, 0]) == 3.0
+
+
+def test_preemption_notice_catches_sigterm_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  notice = distributed.PreemptionNotice()
+  assert not notice.reached(1)
+  os.kill(os.getpid(), signal.SIGTERM)    # handled: the process lives on
+  assert notice.reached(2)
+  notice.close()
+  assert signal.getsignal(signal.SIGTERM) == before
