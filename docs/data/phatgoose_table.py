@@ -1,41 +1,76 @@
-"""Markdown table + paired differences from a PHATGOOSE results JSON."""
-import json, sys
+"""Markdown table + paired differences from PHATGOOSE / merging results JSONs.
+
+  python docs/data/phatgoose_table.py RESULTS.json [MORE.json ...] \
+      [--baseline=phatgoose] [--baseline=merged]
+
+Several files (e.g. the PHATGOOSE rows and the merging rows of one expert
+library) are combined row by row; they must hold the same held-out tasks
+with the same examples (checked), so paired differences are meaningful.
+"""
+import json
+import sys
+
 import numpy as np
-path = sys.argv[1]
-out = json.load(open(path))
-groups = {d: ts for d, ts in out["groups"].items() if d not in out["experts"]}
-correct = out["correct"]
-rows = [r for r in out["scores"] if out["scores"][r].get("held_out")]
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+baselines = [a.split("=", 1)[1] for a in sys.argv[1:]
+             if a.startswith("--baseline=")] or ["phatgoose"]
+outs = [json.load(open(p)) for p in args]
+first = outs[0]
+groups = {d: ts for d, ts in first["groups"].items() if d not in first["experts"]}
+scores, correct = {}, {}
+for path, out in zip(args, outs):
+  if out["groups"] != first["groups"] or out["experts"] != first["experts"]:
+    sys.exit(f"{path}: other tasks or experts than {args[0]}; not comparable")
+  for r, s in out["scores"].items():
+    if s.get("held_out") and r not in scores:
+      scores[r], correct[r] = s, out["correct"][r]
+rows = list(scores)
+ref = rows[0]
+for r in rows:
+  for t in correct[ref]:
+    if len(correct[r][t]) != len(correct[ref][t]):
+      sys.exit(f"row {r}: {len(correct[r][t])} examples of {t}, "
+               f"{ref} has {len(correct[ref][t])}; not comparable")
 cols = list(groups)
 print("| row | " + " | ".join(cols) + " | held-out mean |")
 print("|---|" + "---|" * (len(cols) + 1))
 for r in rows:
-  s = out["scores"][r]
+  s = scores[r]
   cells = [f"{s[c][0]:.3f} [{s[c][1]:.2f}, {s[c][2]:.2f}]" for c in cols]
   m = s["held_out"]
-  print(f"| {r} | " + " | ".join(cells) + f" | **{m[0]:.3f}** [{m[1]:.3f}, {m[2]:.3f}] |")
-n_ex = {t: len(correct[rows[0]][t]) for ts in groups.values() for t in ts}
+  print(f"| {r} | " + " | ".join(cells)
+        + f" | **{m[0]:.3f}** [{m[1]:.3f}, {m[2]:.3f}] |")
+n_ex = {t: len(correct[ref][t]) for ts in groups.values() for t in ts}
 print("\nexamples per template:", sorted(set(n_ex.values())), "tasks:", len(n_ex))
 
+
 def paired(a, b, resamples=2000, seed=0):
+  """Held-out mean of a minus b, both on the same resampled examples."""
   rng = np.random.default_rng(seed)
-  boot = []
-  point = []
-  for d, ts in groups.items():
+  boot, point = [], []
+  for ts in groups.values():
     da, db, pa, pb = [], [], [], []
     for t in ts:
-      va, vb = np.asarray(correct[a][t], float), np.asarray(correct[b][t], float)
+      va = np.asarray(correct[a][t], float)
+      vb = np.asarray(correct[b][t], float)
       idx = rng.integers(0, va.size, (resamples, va.size))
-      da.append(va[idx].mean(1)); db.append(vb[idx].mean(1))
-      pa.append(va.mean()); pb.append(vb.mean())
+      da.append(va[idx].mean(1))
+      db.append(vb[idx].mean(1))
+      pa.append(va.mean())
+      pb.append(vb.mean())
     boot.append(np.median(np.stack(da), 0) - np.median(np.stack(db), 0))
     point.append(np.median(pa) - np.median(pb))
   m = np.mean(np.stack(boot), 0)
   return float(np.mean(point)), *np.percentile(m, [2.5, 97.5])
 
-if "phatgoose" in rows:
-  print("\npaired held-out mean differences (95% paired bootstrap):")
-  for b in rows:
-    if b != "phatgoose":
-      d, lo, hi = paired("phatgoose", b)
-      print(f"  phatgoose - {b}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
+for base in baselines:
+  if base not in rows:
+    continue
+  print(f"\npaired held-out mean differences, X - {base} "
+        "(95% paired bootstrap):")
+  for r in rows:
+    if r != base:
+      d, lo, hi = paired(r, base)
+      print(f"  {r} - {base}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
