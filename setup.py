@@ -7,6 +7,8 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    # gs:// (and other URL) workdirs: every run output goes through epath.
+    "etils[epath]==1.15.0",
     "seqio==0.0.20",
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
@@ -33,6 +35,9 @@ TEST_REQUIRES = [
     "nbclient==0.11.0",
     "nbformat>=5.10",
     "ipykernel>=6",
+    # tests/test_remote_paths.py: a gs:// workdir on a local GCS emulator.
+    "gcsfs==2026.10.1",
+    "gcp-storage-emulator==2026.7.19",
 ]
 
 setuptools.setup(

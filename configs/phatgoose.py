@@ -56,8 +56,11 @@ def get_config(arch="llama"):
     raise ValueError(f"phatgoose arch {arch!r}: use 'llama' or 't5' "
                      "(--config=configs/phatgoose.py:t5)")
   # The pipeline picks its own mixtures (base_mixture, held_in, held_out).
+  # shard_by: 'examples' (each process reads its own shard) or 'rows' (every
+  # process reads all, places its rows: batches independent of the process
+  # count); see mtjax.distributed.data_shard.
   c.data = common.byte_data(mixture=common.OMIT, pack=common.OMIT,
-                            seed=common.OMIT)
+                            seed=common.OMIT, shard_by="examples")
   c.held_in = ()    # () = the suite's held-in tasks (one expert each)
   c.held_out = ()   # () = the suite's held-out tasks
 

@@ -57,7 +57,8 @@ def get_config(variant="cpu"):
   c.data = common.byte_data(
       vocab="gguf:" + c.model.gguf_path, inputs_length=224 if full else 112,
       targets_length=32 if full else 16,
-      mixture=common.OMIT, pack=common.OMIT, seed=common.OMIT)
+      mixture=common.OMIT, pack=common.OMIT, seed=common.OMIT,
+      shard_by="examples")   # or 'rows' (configs/phatgoose.py)
   c.held_in = (("piqa", "arc_easy", "commonsense_qa", "openbook_qa")
                + (("siqa", "winogrande", "hellaswag", "boolq") if full else ()))
   c.held_out = HELD_OUT

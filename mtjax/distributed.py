@@ -15,13 +15,19 @@ computation. It calls `jax.distributed.initialize` when asked to by, in order:
 Without any of these it does nothing: a plain single-process run.
 
 Afterwards every process runs the same program (SPMD). Each loads only its own
-shard of the data (`process_shard`) and `local_batch_to_global` stitches the
-per-process batches into one global jax.Array sharded over the mesh.
+shard of the data (`process_shard`; `data_shard` for config.data.shard_by) and
+`local_batch_to_global` stitches the per-process batches into one global
+jax.Array sharded over the mesh. Work that needs no collectives (e.g. whole
+tasks on one local device) is split with `process_split` and its results
+joined with `all_gather_objects`; `broadcast_from_main` gives every process
+process 0's arrays.
 """
 import logging
 import os
+import pickle
 import signal
 import sys
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -187,6 +193,57 @@ def process_shard(mesh=None, batch_axes=BATCH_AXES):
     slices.setdefault(device.process_index, set()).add(int(coord))
   groups = sorted({tuple(sorted(s)) for s in slices.values()})
   return groups.index(tuple(sorted(slices[jax.process_index()]))), len(groups)
+
+
+def data_shard(mesh, shard_by: str = "examples") -> tuple:
+  """(index, count) of the training stream this process reads.
+
+  shard_by 'examples': its own seqio shard (`process_shard`; reads scale
+  with the number of hosts, and the batches depend on the process count).
+  'rows': (0, 1), every process reads the whole stream and places only its
+  devices' rows (`put_global_batch`): the same global batches for any number
+  of processes. The same choice as the training job's `config.data.shard_by`
+  (mtjax.experiments.train).
+  """
+  if shard_by not in ("examples", "rows"):
+    raise ValueError(f"config.data.shard_by={shard_by!r}: use 'examples' or "
+                     "'rows'")
+  return (0, 1) if shard_by == "rows" else process_shard(mesh)
+
+
+def process_split(items: Sequence) -> list:
+  """This process's share of `items`: every process_count()-th, from its
+  index (all of them in a single process). Work units that need no
+  collectives (e.g. whole tasks on a local device); `all_gather_objects`
+  joins the results."""
+  return list(items)[jax.process_index()::jax.process_count()]
+
+
+def all_gather_objects(obj: Any) -> list:
+  """[obj of process 0, obj of process 1, ...] on every process (any
+  picklable object; [obj] for one process). Every process must call it."""
+  if jax.process_count() == 1:
+    return [obj]
+  raw = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int64(raw.size))   # (P,)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  everyone = multihost_utils.process_allgather(padded)            # (P, max)
+  return [pickle.loads(row[:n].tobytes())
+          for row, n in zip(everyone, sizes, strict=True)]
+
+
+def broadcast_from_main(tree: Any) -> Any:
+  """Process 0's values of a pytree of arrays (the same shapes on every
+  process), each placed like the leaf it replaces (a jax.Array keeps its
+  sharding, which must be process-local; numpy stays numpy). The tree
+  itself in a single process. Every process must call it."""
+  if jax.process_count() == 1:
+    return tree
+  values = multihost_utils.broadcast_one_to_all(tree)
+  return jax.tree.map(
+      lambda v, old: jax.device_put(v, old.sharding)
+      if isinstance(old, jax.Array) else v, values, tree)
 
 
 def local_batch_to_global(local_batch, mesh, batch_sharding=None):

@@ -3,7 +3,8 @@
 Layers, lowest first; a module may import mtjax modules of its own package and
 of lower layers only:
 
-  0  registry                       name -> class/function tables
+  0  registry, paths                name -> class/function tables; run
+                                    outputs on local disks and gs:// alike
   1  models, data, distributed      base models; seqio data; multi-process glue
   2  methods                        pure transforms, the expert library
   3  merging                        task-vector / LoRA merges, learned merges
@@ -21,7 +22,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "mtjax"
-LAYERS = (("registry",), ("models", "data", "distributed"), ("methods",),
+LAYERS = (("registry", "paths"), ("models", "data", "distributed"), ("methods",),
           ("merging",), ("routing",), ("training",), ("evaluation",),
           ("experiments",), ("main",))
 LAYER_OF = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}

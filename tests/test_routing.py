@@ -113,6 +113,51 @@ def test_grouped_with_experts_sharded_over_8_devices():
   assert _max_rel_err(got, want) < 1e-5
 
 
+def _values(closed):
+  """(primitive name, shape) of every value a jaxpr computes, sub-jaxprs too."""
+  out = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      out.extend((eqn.primitive.name, tuple(v.aval.shape)) for v in eqn.outvars)
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(closed.jaxpr)
+  return out
+
+
+def _feature_rows(closed, dims):
+  """Largest row count (all axes but the last) of values whose last axis is
+  one of `dims` (the features: d, o)."""
+  return max([int(np.prod(s[:-1])) for _, s in _values(closed)
+              if len(s) >= 2 and s[-1] in dims] or [0])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_decode_step_routing_costs_k_not_e(k):
+  """A decoding step (N*k <= E) is routed per assignment ('gather'): exact,
+  and no buffer has more than N*k*r rows of d or o features (the gathered
+  b factors, (N, k, r, o)), where the capacity layout ('grouped') has an
+  (E, C, d) buffer, C = min(8, N*k) at least, whatever the token count."""
+  num_e, n, d, o = 256, 4, 24, 20
+  h, a, b, gates = _rand(30 + k, num_e, n=n, d=d, o=o)
+  idx, w = routing.top_k(routing.phatgoose_logits(h, gates), k)
+  assert routing.default_impl(n * k, num_e) == "gather"
+  fn = jax.jit(routing.apply_experts, static_argnames=("impl",))
+  want = routing.apply_dense(h, a, b, idx, w)
+  assert _max_rel_err(fn(h, a, b, idx, w, impl="auto"), want) < 1e-5
+  auto = jax.make_jaxpr(routing.apply_experts)(h, a, b, idx, w)
+  assert _feature_rows(auto, (d, o)) <= n * k * a.shape[-1]
+  assert not any(name == "sort" for name, _ in _values(auto))
+  capacity = jax.make_jaxpr(lambda *x: routing.apply_experts(
+      *x, impl="grouped"))(h, a, b, idx, w)
+  cap = routing.default_capacity(n * k, num_e)     # min(8, N*k) here
+  assert _feature_rows(capacity, (d, o)) >= num_e * cap > n * k * a.shape[-1]
+
+
 def test_equal_gates_give_uniform_top_k_weights():
   h, _, _, _ = _rand(0, 4)
   gates = jnp.tile(jax.random.normal(jax.random.key(1), (1, 24)), (6, 1))
@@ -257,3 +302,34 @@ def test_records_and_diagnostics(tiny):
     assert 0 <= row["entropy"] <= np.log(5) + 1e-6
   ent = diagnostics.by_layer(summ, "entropy")
   assert list(ent) == ["enc0", "enc1", "dec0", "dec1"]
+
+
+def test_routed_t5_decode_step_sorts_nothing(tiny):
+  """Through RoutedLoRA with the KV cache: the prefill (many tokens) routes
+  by sort-and-segment, a step of one token per row (4 rows, k = 2 among 16
+  experts) by per-assignment gathers; no buffer in the step has E*C rows."""
+  from mtjax.methods import transform   # pylint: disable=g-import-not-at-top
+  model, base, lora, inputs = tiny
+  # shapes only (traced, never run): 16 experts' LoRA factors and gates
+  one = jax.eval_shape(lambda: ex.merge_leaves(
+      nn.unbox(lora.init(jax.random.key(0), model))["lora"],
+      nn.unbox(ex.GateTraining(lora).init_gates(model))))
+  stacked = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((16,) + x.shape, x.dtype), one)
+  params = routed_lib.routed_params(base, stacked, "phatgoose")
+  routed = routed_lib.build_router("phatgoose", lora, top_k=2)
+  mask, dec = np.ones_like(inputs["input_ids"]), inputs["decoder_input_ids"]
+  enc = jax.ShapeDtypeStruct(mask.shape + (32,), jnp.float32)   # the encoding
+
+  def run(p, ids, decode, cache, encoded):
+    return routed.apply(model, p, {"encoded": encoded, "attention_mask": mask,
+                                   "decoder_input_ids": ids},
+                        method="decode", decode=decode, cache=cache)
+  prefill, (_, cache) = jax.make_jaxpr(
+      lambda p, e: run(p, dec, transform.PREFILL, None, e),
+      return_shape=True)(params, enc)
+  step = jax.make_jaxpr(lambda p, c, e: run(p, dec[:, :1], transform.STEP, c,
+                                            e))(params, cache, enc)
+  assert any(name == "sort" for name, _ in _values(prefill))
+  assert not any(name == "sort" for name, _ in _values(step))
+  assert _feature_rows(step, (32, 64)) < 8 * 16

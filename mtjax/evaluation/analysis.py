@@ -5,13 +5,14 @@ the stratified bootstrap interval of a mean over tasks.
 
   alphas = {task: (L, H) array in [0, 1]}
   png, text = write_analysis(alphas, workdir, k=4)
+
+The workdir may be a gs:// URL (mtjax.paths).
 """
 import itertools
-import json
-import os
 
 import numpy as np
 
+from mtjax import paths
 from mtjax.evaluation import plots
 
 
@@ -64,8 +65,7 @@ def plot_alpha_heatmaps(alphas, path, title="soft-injection alpha", cols=8):
     ax.set_yticks(range(0, a.shape[0], 1 if a.shape[0] <= 8 else 5))
   fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="alpha")
   fig.suptitle(title, fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  paths.savefig(fig, path, dpi=100)
   plt.close(fig)
   return path
 
@@ -134,8 +134,7 @@ def plot_transfer(transfer, path):
   ax.set_ylim(0, 1)
   ax.legend(title="alpha of", fontsize=7)
   ax.set_title("soft injection: own vs transferred alpha", fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  paths.savefig(fig, path, dpi=100)
   plt.close(fig)
   return path
 
@@ -147,14 +146,14 @@ def write_analysis(alphas, workdir, k=None):
   """
   some = np.asarray(next(iter(alphas.values())))
   k = k or max(1, some.size // 4)
-  png = plot_alpha_heatmaps(alphas, os.path.join(workdir, "alpha_heatmap.png"))
+  png = plot_alpha_heatmaps(alphas, paths.join(workdir, "alpha_heatmap.png"))
   tasks, mat = jaccard_matrix(alphas, k)
   text = format_jaccard(tasks, mat, k) + "\n\n" + format_top_heads(alphas)
-  with open(os.path.join(workdir, "head_overlap.json"), "w") as f:
-    json.dump({"k": k, "tasks": tasks, "jaccard": mat.tolist(),
-               "top_k": {t: sorted(top_k_heads(alphas[t], k)) for t in tasks},
-               "alpha": {t: np.asarray(alphas[t]).tolist() for t in tasks}},
-              f, indent=1)
-  with open(os.path.join(workdir, "head_overlap.txt"), "w") as f:
-    f.write(text + "\n")
+  paths.write_json(paths.join(workdir, "head_overlap.json"),
+                   {"k": k, "tasks": tasks, "jaccard": mat.tolist(),
+                    "top_k": {t: sorted(top_k_heads(alphas[t], k))
+                              for t in tasks},
+                    "alpha": {t: np.asarray(alphas[t]).tolist()
+                              for t in tasks}}, indent=1)
+  paths.write_text(paths.join(workdir, "head_overlap.txt"), text + "\n")
   return png, text

@@ -1,9 +1,11 @@
 """Plots of results: routing loads per layer and expert (PNG files).
 
 matplotlib is imported on first use: it is slow to import and only plotting
-needs it.
+needs it. A path may be a gs:// URL (mtjax.paths).
 """
 import numpy as np
+
+from mtjax import paths
 
 
 def pyplot():
@@ -35,6 +37,6 @@ def plot_routing(loads_by_task, expert_names, path, title="PHATGOOSE routing"):
     fig.colorbar(im, ax=ax, fraction=0.04)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.savefig(fig, path, dpi=110)
   plt.close(fig)
   return path

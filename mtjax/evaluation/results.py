@@ -3,14 +3,16 @@
 results.json is {task: {metric: value}} plus one entry per group,
 'average/<group>': {metric: mean over the group's tasks that report it}.
 An existing results.json is never overwritten silently: it is renamed to
-results.<n>.json first and the rename is logged.
+results.<n>.json first and the rename is logged. The workdir may be a gs://
+URL (mtjax.paths).
 """
-import json
 import math
 import os
 
 import numpy as np
 from absl import logging
+
+from mtjax import paths
 
 
 def bootstrap_ci(values, level: float = 0.95, resamples: int = 2000,
@@ -98,17 +100,13 @@ def _fmt(v):
 
 def write_json(results, workdir, name="results.json"):
   """Writes WORKDIR/results.json, keeping any previous file as results.<n>.json."""
-  path = os.path.join(workdir, name)
-  if os.path.exists(path):
+  path = paths.join(workdir, name)
+  if paths.exists(path):
     stem, ext = os.path.splitext(name)
     n = 1
-    while os.path.exists(os.path.join(workdir, f"{stem}.{n}{ext}")):
+    while paths.exists(paths.join(workdir, f"{stem}.{n}{ext}")):
       n += 1
-    kept = os.path.join(workdir, f"{stem}.{n}{ext}")
-    os.replace(path, kept)
+    kept = paths.join(workdir, f"{stem}.{n}{ext}")
+    paths.move(path, kept)
     logging.warning("previous %s kept as %s", path, kept)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
+  return paths.write_json(path, results, indent=2, sort_keys=True)

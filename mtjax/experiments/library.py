@@ -9,11 +9,10 @@
 import copy
 import hashlib
 import json
-import os
 
 import seqio
 
-from mtjax import data
+from mtjax import data, paths
 from mtjax.experiments import train
 from mtjax.experiments.train import JOBS
 from mtjax.methods import adapters, library
@@ -47,12 +46,12 @@ def train_library(config, workdir: str) -> "library.Library":
   lib_cfg = config.library
   reg = data.register(data.vocabulary(config.data.vocab))
   tasks = _plain_tasks(lib_cfg.tasks, reg)
-  lib = library.Library(lib_cfg.get("root") or os.path.join(workdir, "library"))
+  lib = library.Library(lib_cfg.get("root") or paths.join(workdir, "library"))
   model_cfg = config.model.to_dict()
   base_id = model_cfg.get("hf_path") or "scratch:" + hashlib.sha256(
       json.dumps([model_cfg, config.seed], sort_keys=True,
                  default=str).encode()).hexdigest()[:12]
-  done = {e.name for e in lib.list()} if os.path.isdir(lib.root) else set()
+  done = {e.name for e in lib.list()} if paths.isdir(lib.root) else set()
   for task in tasks:
     if task in done:
       print(f"library: expert {task!r} exists in {lib.root}, skipped",
@@ -62,7 +61,7 @@ def train_library(config, workdir: str) -> "library.Library":
     with cfg.unlocked():
       cfg.data.mixture = task
       cfg.eval.groups = (task,)
-    run_dir = os.path.join(workdir, "runs", task)
+    run_dir = paths.join(workdir, "runs", task)
     results = train.train_and_evaluate(cfg, run_dir)
     params = adapters.load_adapter(run_dir)
     lib.add(task, cfg.method, params, task=task, base_model=base_id,
@@ -83,7 +82,7 @@ def train_prompt_transfer(config, workdir: str) -> dict:
   """
   tcfg = config.transfer
   reg = data.register(data.vocabulary(config.data.vocab))
-  source_dir = os.path.join(workdir, "source")
+  source_dir = paths.join(workdir, "source")
   src = copy.deepcopy(config)
   with src.unlocked():
     src.method = copy.deepcopy(tcfg.source_method)
@@ -102,7 +101,7 @@ def train_prompt_transfer(config, workdir: str) -> dict:
       cfg.data.mixture = task
       cfg.eval.groups = (task,)
     out[task] = train.train_and_evaluate(
-        cfg, os.path.join(workdir, "targets", task))
+        cfg, paths.join(workdir, "targets", task))
   return out
 
 

@@ -25,7 +25,6 @@ the config; nothing here changes.
 """
 import dataclasses
 import json
-import os
 import time
 import zlib
 from typing import Callable, Optional
@@ -33,8 +32,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from mtjax import data, merging, methods, routing
+from mtjax import data, distributed, merging, methods, paths, routing
 from mtjax.data import suite
 from mtjax.data import tasks as tasks_lib
 from mtjax.evaluation import evaluate, plots
@@ -82,6 +82,16 @@ class Run:
   # Per-example correctness {row name: {task: (N,)}}, for the intervals.
   correct: dict = dataclasses.field(default_factory=dict)
   start: float = dataclasses.field(default_factory=time.time)
+  # (index, count) of the training stream this process reads
+  # (distributed.data_shard of config.data.shard_by).
+  shard: tuple = (0, 1)
+
+  @property
+  def put(self):
+    """Places a training batch of `batches`: this process's rows of its own
+    shard, or (one shard) its devices' rows of the whole batch."""
+    return (trainer.put_global_batch if self.shard[1] == 1
+            else trainer.put_batch)
 
   @property
   def tasks(self) -> list:
@@ -115,7 +125,12 @@ class Run:
     return self.config.eval.split
 
   def log(self, msg: str) -> None:
-    print(f"[{time.time() - self.start:6.0f}s] {msg}", flush=True)
+    """Printed by process 0 (the job's output), logged by the others."""
+    msg = f"[{time.time() - self.start:6.0f}s] {msg}"
+    if distributed.is_main_process():
+      print(msg, flush=True)
+    else:
+      logging.info(msg)
 
 
 # ------------------------------------------------------------------ setup
@@ -149,6 +164,14 @@ def setup(config) -> Run:
   if len(set(run.tasks)) != len(run.tasks):
     raise ValueError("config.held_in and config.held_out share tasks: "
                      f"{sorted(set(run.held_in) & set(run.held_out))}")
+  run.shard = distributed.data_shard(
+      mesh, config.data.get("shard_by", "examples"))
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % rows or config.batch_size % run.shard[1]:
+    raise ValueError(
+        f"batch_size={config.batch_size} must split evenly over the "
+        f"{run.shard[1]} data shards (processes) and the data*fsdp mesh "
+        f"size {rows}")
   if config.base_steps:
     full = FullFineTuning()
     with sharding.use_mesh(mesh):
@@ -206,9 +229,14 @@ def train_source(run: Run, name: str) -> str:
 
 def batches(run: Run, name: str, seed: int):
   """Training batches (config.train_split) of a task, a dataset or the
-  held-in mixture (`train_source`); .task_names are seqio task names."""
+  held-in mixture (`train_source`); .task_names are seqio task names.
+
+  This process's rows: batch_size / count rows of its shard `run.shard`
+  (one shard: the whole batch); place them with `run.put`."""
+  index, count = run.shard
   return data.train_batches(train_source(run, name), run.vocab, run.lengths,
-                            run.config.batch_size, run.kind, seed=seed,
+                            run.config.batch_size // count, run.kind,
+                            seed=seed, shard_index=index, num_shards=count,
                             split=run.config.get("train_split", "train"))
 
 
@@ -221,10 +249,13 @@ def mixture(run: Run, seed: int) -> tuple:
 
 
 def fit_method(run: Run, method, base, rng, lr: float, steps: int, it,
-               by_task: bool = False, fitter: Optional[fit.Fitter] = None):
+               by_task: bool = False, fitter: Optional[fit.Fitter] = None,
+               put: Optional[Callable] = None):
   """Trains `method` from `base` on batches `it` with the one fit loop.
 
   by_task: rows pick their adapter by task ('adapter_index' = task_index).
+  put: places a host batch (default `run.put`, for `batches`; a stand-in
+  run without one: trainer.put_batch).
   Returns (nested params, last loss); pass `fitter` to reuse a compiled step.
   """
   fitter = fitter or fit.Fitter(
@@ -236,7 +267,8 @@ def fit_method(run: Run, method, base, rng, lr: float, steps: int, it,
     def prepare(host):
       host["adapter_index"] = host["task_index"]
       return host
-  return fitter.fit(flat, flat_sh, it, prepare=prepare)
+  put = put or getattr(run, "put", trainer.put_batch)
+  return fitter.fit(flat, flat_sh, it, prepare=prepare, put=put)
 
 
 def train_library(run: Run, rng) -> dict:
@@ -311,9 +343,10 @@ def input_batches(run: Run, examples: list, prompts_only: bool = False,
   the encoder's prompt and the decoder's start slot, the one decoder position
   that exists before any target). A method naming a `prompt_end_input`
   (retrieval) gets each decoder-only row's last prompt position there, as
-  the trainer's token_scores gives it.
+  the trainer's token_scores gives it. The batch size is config.eval's,
+  rounded up to a multiple of the mesh's batch shards (`eval_batch_size`).
   """
-  bs = run.config.eval.batch_size
+  bs = eval_batch_size(run)
   rows = [(e["input_ids"], [] if prompts_only else e["target_ids"])
           for e in examples]
   key = getattr(method, "prompt_end_input", None)
@@ -332,6 +365,13 @@ def input_batches(run: Run, examples: list, prompts_only: bool = False,
       inputs[key] = np.asarray(trainer.prompt_ends(method, batch))
     out.append(inputs)
   return out
+
+
+def eval_batch_size(run: Run) -> int:
+  """config.eval.batch_size rounded up to a multiple of the mesh's batch
+  shards (data * fsdp), as evaluate's batches are."""
+  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  return -(-run.config.eval.batch_size // shards) * shards
 
 
 def eval_inputs(run: Run, task: str, max_examples: int,
@@ -366,13 +406,17 @@ class Recorder:
   def records(self, params, examples: list, prompts_only: bool = False
               ) -> list:
     """[(records, inputs)] per batch of `examples` (`input_batches`), cut
-    to the real rows (the last batch's padding copies are dropped)."""
-    out, bs = [], self.run.config.eval.batch_size
+    to the real rows (the last batch's padding copies are dropped).
+
+    Every process builds the same batches and places its devices' rows
+    (put_global_batch); the records are gathered onto every process."""
+    out, bs = [], eval_batch_size(self.run)
     for i, inp in enumerate(input_batches(self.run, examples, prompts_only,
                                           self.method)):
       m = min(bs, len(examples) - i * bs)
+      placed = trainer.put_global_batch(inp, self.run.mesh)
       rec = jax.tree.map(lambda x, m=m: np.asarray(x)[:m],
-                         jax.device_get(self.fn(params, inp)))
+                         evaluate.fetch(self.fn(params, placed)))
       out.append((rec, {k: np.asarray(v)[:m] for k, v in inp.items()}))
     return out
 
@@ -413,7 +457,8 @@ def diagnostics(run: Run, recorder: Recorder, params_for_task: Callable,
 
 def save_choices(run: Run, recorder: Recorder, params_for_task: Callable,
                  tasks: list, path: str) -> str:
-  """npz of per-token, per-module choices: '<task>|<module>|idx' etc."""
+  """npz of per-token, per-module choices: '<task>|<module>|idx' etc.
+  Every process records (collectives); process 0 writes."""
   arrays = {}
   for task in tasks:
     recs, n = recorder(params_for_task(task), task,
@@ -425,7 +470,8 @@ def save_choices(run: Run, recorder: Recorder, params_for_task: Callable,
       arrays[f"{task}|{mod}|mask"] = np.concatenate(
           [diag_lib.token_mask(mod, r[mod]["idx"].shape[:-1], i)
            for r, i in recs])[:n]
-  np.savez_compressed(path, **arrays)
+  if distributed.is_main_process():
+    paths.savez(path, **arrays)
   return path
 
 
@@ -493,12 +539,14 @@ def token_router_step(run: Run, entry: dict) -> dict:
                                                run.tasks, run.num_experts)
     if kind == "phatgoose":
       composing_share(run.diagnostics[name], loads, run.experts, run.held_out)
-      run.plot["path"] = plots.plot_routing(
-          {t: loads[t] for t in run.held_out}, run.experts,
-          os.path.join(run.workdir, "routing_held_out.png"),
-          "PHATGOOSE: share of routed tokens per expert, by layer")
+      run.plot["path"] = paths.join(run.workdir, "routing_held_out.png")
+      if distributed.is_main_process():   # the one process that writes
+        plots.plot_routing(
+            {t: loads[t] for t in run.held_out}, run.experts,
+            run.plot["path"],
+            "PHATGOOSE: share of routed tokens per expert, by layer")
       save_choices(run, recorder, lambda t: p, run.tasks,
-                   os.path.join(run.workdir, "routing_choices.npz"))
+                   paths.join(run.workdir, "routing_choices.npz"))
   return res
 
 
@@ -613,7 +661,8 @@ def retrieval_step(run: Run, entry: dict) -> dict:
   per_expert = []
   for i, t in enumerate(run.experts):
     it = batches(run, t, cfg.seed + 5000 + i)
-    per_expert.append([prompt_inputs(run, router, next(it))
+    # Global arrays: the centroid pools every process's rows.
+    per_expert.append([run.put(prompt_inputs(run, router, next(it)), run.mesh)
                        for _ in range(cfg.retrieval_batches)])
   cen = rb.centroids(run.model, run.base, per_expert)
   p = dict(routing.routed_params(run.base, run.stacked, router,
@@ -685,7 +734,8 @@ def alloc_fitter(run: Run, poly, params) -> Callable:
                       cfg.poly.z_steps, seed=cfg.seed, dropout=True)
 
   def fit_task(task):
-    return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000))[0]
+    return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000),
+                      put=run.put)[0]
   return fit_task
 
 
@@ -703,7 +753,9 @@ def unlabeled_prompt_batches(run: Run, tasks: list, seed: int):
   """Endless training-layout batches of the prompts of `tasks`' evaluation
   examples, unlabeled: each row is (prompt, one placeholder target token),
   so the loss-weighted position is where the model predicts the answer's
-  first token, and no answer is ever read (AdaMerging's test-time data)."""
+  first token, and no answer is ever read (AdaMerging's test-time data).
+  Every process draws the same global batches: place them with
+  trainer.put_global_batch."""
   exs = [e for t in tasks for e in data.eval_examples(
       t, run.vocab, split=run.split_of(t),
       max_examples=run.config.eval.max_examples)]
@@ -760,8 +812,10 @@ def merge_step(run: Run, entry: dict) -> dict:
     # dropout=True hands the step an rng: ScaLearn drops scales in training.
     fitter = fit.Fitter(merge, run.model, run.mesh, optimizer(cfg, lr), steps,
                         seed=cfg.seed, dropout=name == "scalearn")
-    fitted, loss = fit_method(run, merge, run.base, run.rng, lr, steps, it,
-                              fitter=fitter)
+    fitted, loss = fit_method(
+        run, merge, run.base, run.rng, lr, steps, it, fitter=fitter,
+        put=(trainer.put_global_batch if source == "held_out_prompts"
+             else run.put))
     run.trained[f"merge {entry['name']}"] = (merge, fitted)
     params = merge.merge(run.model, fitted)
     run.log(f"{entry['name']}: {name} fitted {steps} steps on {source}, "
@@ -844,10 +898,9 @@ def write_results(r: Run, results: dict, errors: dict, path: str) -> tuple:
          "held_out": r.held_out,
          "library_mb": size_mb(r.stacked),
          "seconds": time.time() - r.start}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(out, f, indent=1, default=json_default)
-  os.replace(tmp, path)
+  if not distributed.is_main_process():   # every process has the rows;
+    return text, out                      # process 0 writes them
+  paths.write_json(path, out, indent=1, default=json_default)  # atomic
   return text, out
 
 
@@ -889,16 +942,16 @@ def check_workdir(workdir: str, config) -> None:
   """Refuses to overwrite an earlier run's results or library."""
   done = [f for f in ("phatgoose_results.json",
                       "phatgoose_results.partial.json", "library")
-          if os.path.exists(os.path.join(workdir, f))]
+          if paths.exists(paths.join(workdir, f))]
   lib_dir = config.get("library_dir") or ""
-  if lib_dir and os.path.abspath(lib_dir) == os.path.abspath(
-      os.path.join(workdir, "library")):
+  if lib_dir and paths.absolute(lib_dir) == paths.absolute(
+      paths.join(workdir, "library")):
     done = [f for f in done if f != "library"]   # reusing it on purpose
   if done:
     raise FileExistsError(
         f"{workdir} already holds a PHATGOOSE run ({', '.join(done)}); "
         "nothing was changed. Use a new --workdir, or reuse its experts and "
-        f"gates with --config.library_dir={os.path.join(workdir, 'library')} "
+        f"gates with --config.library_dir={paths.join(workdir, 'library')} "
         "and a new --workdir.")
 
 
@@ -915,42 +968,62 @@ def selected_entries(config) -> list:
 
 @JOBS.register("phatgoose")
 def run(config, workdir: str) -> dict:
-  """The full pipeline of configs/phatgoose.py; returns the results dict."""
+  """The full pipeline of configs/phatgoose.py; returns the results dict.
+
+  Under several processes every process runs it (SPMD): each reads its
+  shard of the training data (`batches`, config.data.shard_by), evaluation
+  rows are split over the devices of all processes and gathered
+  (mtjax.evaluation.evaluate), so every process holds the whole table;
+  process 0 alone writes the library, results, plot and routing choices.
+  """
   check_workdir(workdir, config)
   entries = selected_entries(config)
   for entry in entries:
     step_for(entry)   # a clear error before anything trains
   lib = config.get("library_dir") or ""
-  if config.get("require_library") and not os.path.isdir(lib):
+  if config.get("require_library") and not paths.isdir(lib):
     raise FileNotFoundError(
         f"config.library_dir={lib!r} is not an expert library, and this "
         "config only reuses one (require_library): run the PHATGOOSE config "
         "first (its WORKDIR/library), or point --config.library_dir at it")
-  os.makedirs(workdir, exist_ok=True)
+  lib_dir = config.get("library_dir") or paths.join(workdir, "library")
+  reuse = bool(config.get("library_dir")) and paths.isdir(lib_dir)
+  # Every process has checked the workdir before process 0 writes to it.
+  distributed.sync("phatgoose_workdir_checked")
+  if distributed.is_main_process():
+    paths.makedirs(workdir)
   r = setup(config)
   r.workdir = workdir
   with sharding.use_mesh(r.mesh):
-    lib_dir = config.get("library_dir") or os.path.join(workdir, "library")
-    if config.get("library_dir") and os.path.isdir(lib_dir):
+    if reuse:
       library = ex.load_library(lib_dir, r.experts, base_params=r.base)
       r.log(f"loaded {r.num_experts} experts with gates from {lib_dir}")
     else:
       library = train_library(r, jax.random.fold_in(r.rng, 1))
-      ex.save_library(library, lib_dir, r.lora, base_params=r.base)
-      r.log(f"library written to {lib_dir}")
+      save_library(r, library, lib_dir)
     r.stacked = ex.stack_library(library)
     r.log(f"library: {r.num_experts} experts, {size_mb(r.stacked):.1f} MB "
           f"({time.time() - r.start:.0f}s so far)")
-    partial = os.path.join(workdir, "phatgoose_results.partial.json")
+    partial = paths.join(workdir, "phatgoose_results.partial.json")
     results, errors = run_entries(
         r, entries, config.get("continue_on_error", False),
         on_row=lambda res, err: write_results(r, res, err, partial))
   text, out = write_results(r, results, errors,
-                            os.path.join(workdir, "phatgoose_results.json"))
-  if os.path.exists(partial):
-    os.remove(partial)
+                            paths.join(workdir, "phatgoose_results.json"))
+  if distributed.is_main_process():
+    paths.remove(partial)
   report(r, text, errors)
   return out
+
+
+def save_library(r: Run, library: dict, lib_dir: str) -> None:
+  """Process 0 writes the library's folders; its arrays are gathered onto
+  every process first (a collective: every process calls this)."""
+  experts = evaluate.fetch(library["experts"])
+  if distributed.is_main_process():
+    ex.save_library(dict(library, experts=experts), lib_dir, r.lora,
+                    base_params=r.base)
+  r.log(f"library written to {lib_dir}")
 
 
 def report(r: Run, text: str, errors: dict) -> None:

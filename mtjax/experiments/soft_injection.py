@@ -17,6 +17,15 @@ test bed is full fine-tuning ('full'), alpha is the 'soft_injection' method
 (si.first_token_loss), prompt tuning the 'prompt_tuning' method with the
 default target-token loss. Everything runs on one device (`one_device_mesh`):
 the models are tiny and alpha is fitted with batch size 1.
+
+Under several processes (mtjax.distributed) every process loads the same
+model (the test bed is trained on each process's own device, then process
+0's weights are broadcast), runs the whole per-task work -- task embedding,
+alpha and prompt fitting, scoring -- for its share of the tasks
+(`distributed.process_split`), and the rows are gathered onto every process
+(`distributed.all_gather_objects`); alpha transfer is split the same way.
+No task depends on another process's, so the table is the same for any
+number of processes. Process 0 alone writes files.
 """
 import dataclasses
 import json
@@ -31,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mtjax import data, methods
+from mtjax import data, distributed, methods, paths
 from mtjax.data import suite
 from mtjax.evaluation import analysis
 from mtjax.evaluation.results import bootstrap_ci
@@ -43,8 +52,9 @@ from mtjax.training import fit, trainer
 
 
 def one_device_mesh():
-  """A (1, 1, 1) mesh on the first device: the experiment's models are tiny."""
-  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  """A (1, 1, 1) mesh on this process's first device: the experiment's
+  models are tiny (each process runs its own tasks on it)."""
+  return sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
 
 
 def optimizer(learning_rate, **options):
@@ -643,6 +653,9 @@ def _testbed_lm(config):
                         mlp=tb.mlp))
   print(f"test bed: {tb.steps} steps in {bed.seconds:.0f}s, loss "
         f"{bed.losses[-1][1]:.3f}", flush=True)
+  # Trained alike on every process (same seed and batches); process 0's
+  # weights make sure every process scores its tasks with the same model.
+  bed.params = distributed.broadcast_from_main(bed.params)
   return LM(bed.model, bed.params, vocab, {
       "source": "testbed", "testbed_losses": bed.losses,
       "testbed_seconds": bed.seconds})
@@ -706,7 +719,7 @@ def memory_mark():
   """(source, bytes): the device's peak_bytes_in_use when jax reports it
   (accelerators), else the process's max RSS (CPU). Both are peaks since the
   process started, so a difference is how much a step raised the peak."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return "device peak_bytes_in_use", int(stats["peak_bytes_in_use"])
   return "process max RSS", resource.getrusage(
@@ -859,25 +872,27 @@ def alpha_transfer(lm, extras, results, cfg):
   """config.transfer = ((A, similar B, dissimilar C), ...): A's test EM with A's
   embedding and A's own alpha (its soft-injection row), B's alpha, C's alpha.
   -> {A: {'own'|'similar'|'dissimilar': {'alpha_of', 'em', 'correct'}}};
-  triples with a task that was not run are left out."""
-  out = {}
-  for a, similar, dissimilar in cfg.get("transfer", ()):
-    if not {a, similar, dissimilar} <= set(extras):
-      continue
+  triples with a task that was not run are left out. Each process runs its
+  share of the triples; every process gets all of them."""
+  triples = [t for t in cfg.get("transfer", ()) if set(t) <= set(extras)]
+  mine = []
+  for i, (a, similar, dissimilar) in distributed.process_split(
+      list(enumerate(triples))):
     own = results[a]["soft-injection"]
     row = {"own": {"alpha_of": a, "em": own["em"], "correct": own["correct"]}}
-    td, emb = extras[a]["data"], extras[a]["embedding"]
+    td, emb = task_data(a, lm.vocab, cfg), extras[a]["embedding"]
     zero = few_shot_prompts(td.demos, td.test, 0, cfg.seed, td.fmt,
                             cfg.max_prompt_len)
     for kind, b in (("similar", similar), ("dissimilar", dissimilar)):
       r = generation_row(lm, td, zero, si.injected_prefill,
                          (emb, extras[b]["alpha"], None), cfg)
       row[kind] = {"alpha_of": b, "em": r["em"], "correct": r["correct"]}
-    out[a] = row
+    mine.append((i, a, row))
     print(f"alpha transfer {a}: " + ", ".join(
         f"{k} ({v['alpha_of']}) {v['em']:.3f}" for k, v in row.items()),
           flush=True)
-  return out
+  gathered = [r for part in distributed.all_gather_objects(mine) for r in part]
+  return {a: row for _, a, row in sorted(gathered, key=lambda r: r[0])}
 
 
 def task_names(config):
@@ -891,13 +906,10 @@ def task_names(config):
   return paper + named
 
 
-def _run_task(lm, task, config, workdir):
+def _run_task(lm, task, config):
   start = time.perf_counter()
   rows, extra = _method_rows(lm, task, config, config.seed)
-  si.save(os.path.join(workdir, "task_embeddings"), task, extra["embedding"],
-          extra["fit"].value, num_prompts=config.num_prompts,
-          num_shots=config.num_shots, best_step=extra["fit"].best_step,
-          best_val_loss=extra["fit"].best_val_loss)
+  del extra["data"]   # its PromptFormat's functions do not cross processes
   extra["seconds"] = time.perf_counter() - start
   print(task, f"({extra['seconds']:.0f}s; embedding + alpha "
         f"{extra['fit_seconds']:.0f}s)", json.dumps(
@@ -906,18 +918,59 @@ def _run_task(lm, task, config, workdir):
   return rows, extra
 
 
+def _save_embedding(workdir, task, extra, config):
+  si.save(paths.join(workdir, "task_embeddings"), task, extra["embedding"],
+          extra["fit"].value, num_prompts=config.num_prompts,
+          num_shots=config.num_shots, best_step=extra["fit"].best_step,
+          best_val_loss=extra["fit"].best_val_loss)
+
+
 def run_tasks(lm, config, workdir):
-  """-> (results {task: rows}, extras {task: extra}, skipped {task: why})."""
+  """-> (results {task: rows}, extras {task: extra}, skipped {task: why}),
+  in task order, on every process.
+
+  In rounds of one task per process (`distributed.process_split` of the
+  round's tasks): each process runs its task, the round is gathered, and
+  process 0 writes its embeddings and alphas under WORKDIR/task_embeddings
+  (a stopped run keeps the rounds done)."""
+  names, count = task_names(config), jax.process_count()
   results, extras, skipped = {}, {}, {}
-  for task in task_names(config):
+  for first in range(0, len(names), count):
+    mine = _run_share(lm, distributed.process_split(
+        names[first:first + count]), config)
+    done = gather_by_task(names, *mine)
+    if distributed.is_main_process():
+      for task, extra in done[1].items():
+        _save_embedding(workdir, task, extra, config)
+    for part, new in zip((results, extras, skipped), done, strict=True):
+      part.update(new)
+  return results, extras, skipped
+
+
+def _run_share(lm, tasks, config):
+  """`_run_task` of each task -> (results, extras, skipped) dicts; a real
+  task that cannot be loaded is skipped (the suite's and paper's raise)."""
+  results, extras, skipped = {}, {}, {}
+  for task in tasks:
     try:
-      results[task], extras[task] = _run_task(lm, task, config, workdir)
+      results[task], extras[task] = _run_task(lm, task, config)
     except (KeyError, ValueError, FileNotFoundError) as e:
       if task in suite.TASKS or task in tuple(config.get("paper_tasks", ())):
         raise
       skipped[task] = f"{type(e).__name__}: {e}"
       print(f"skipping {task}: {skipped[task]}", flush=True)
   return results, extras, skipped
+
+
+def gather_by_task(names, *parts):
+  """Per-process dicts {task: value} -> each dict with every process's
+  tasks, in the order of `names`, on every process."""
+  everyone = distributed.all_gather_objects(parts)
+  out = []
+  for i in range(len(parts)):
+    merged = {t: v for proc in everyone for t, v in proc[i].items()}
+    out.append({t: merged[t] for t in names if t in merged})
+  return tuple(out)
 
 
 COLUMNS = {
@@ -935,27 +988,36 @@ COLUMNS = {
 
 
 def write_outputs(workdir, out, texts):
-  with open(os.path.join(workdir, "soft_injection_results.json"), "w") as f:
-    json.dump(out, f, indent=1, default=str)
-  with open(os.path.join(workdir, "soft_injection_table.txt"), "w") as f:
-    f.write("\n\n".join(texts) + "\n")
+  paths.write_json(paths.join(workdir, "soft_injection_results.json"), out,
+                   indent=1, default=str)
+  paths.write_text(paths.join(workdir, "soft_injection_table.txt"),
+                   "\n\n".join(texts) + "\n")
 
 
 @JOBS.register("soft_injection")
 def run_experiment(config, workdir: str) -> dict:
   """Loads or trains the model, compares methods per task, writes JSON, the
-  tables, the alpha heatmap, head overlaps and the alpha-transfer plot."""
-  os.makedirs(workdir, exist_ok=True)
+  tables, the alpha heatmap, head overlaps and the alpha-transfer plot.
+
+  Every process gets the gathered rows; process 0 alone writes files and
+  prints the tables (the others return only results, summary, transfer and
+  skipped)."""
+  main = distributed.is_main_process()
+  if main:
+    paths.makedirs(workdir)
   start = time.perf_counter()
   lm = load_lm(config)
   results, extras, skipped = run_tasks(lm, config, workdir)
   summary = summarize(results, config.seed)
   transfer = alpha_transfer(lm, extras, results, config)
   alphas = {t: e["alpha"] for t, e in extras.items()}
+  if not main:
+    return {"results": results, "summary": summary, "transfer": transfer,
+            "skipped": skipped, "heatmap": "", "transfer_plot": ""}
   png, overlap = analysis.write_analysis(alphas, workdir,
                                          k=config.top_k or None)
   transfer_png = analysis.plot_transfer(
-      transfer, os.path.join(workdir, "alpha_transfer.png")) if transfer else ""
+      transfer, paths.join(workdir, "alpha_transfer.png")) if transfer else ""
   texts = [format_table(results), format_summary(summary), overlap,
            analysis.format_transfer(transfer)]
   print("EM: exact match of the greedy answer; 1st: first answer token "

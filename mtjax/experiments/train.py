@@ -8,15 +8,19 @@ WORKDIR layout:
                     later line is the resumed run's)
   tb/               TensorBoard events
   results.json      {task: {metric: value}, 'average/<group>': {...}}
+
+WORKDIR may be a gs:// URL (mtjax.paths): every file above is written there
+through etils.epath and orbax. TensorBoard events go to
+config.tensorboard_dir if set (any path TensorFlow's file system takes,
+gs:// included), else WORKDIR/tb.
 """
 import json
-import os
 import time
 
 import jax
 from absl import logging
 
-from mtjax import data, distributed, methods
+from mtjax import data, distributed, methods, paths
 from mtjax.evaluation import evaluate
 from mtjax.evaluation import results as results_lib
 from mtjax.models import sharding
@@ -85,8 +89,8 @@ def _log(msg):
 @JOBS.register("train")
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains config.num_train_steps steps (resuming), then evaluates."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)
+  paths.makedirs(workdir)
   is_writer = jax.process_index() == 0
   checkpoint.check_workdir_config(workdir, config, is_writer)
   vocab = data.vocabulary(config.data.vocab)
@@ -116,13 +120,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = _train_loop(config, workdir, s, state, start, mngr, vocab, reg,
                           kind, lengths)
     except Preempted as p:
-      mngr.wait_until_finished()
-      mngr.close()
+      checkpoint.finish(mngr)
       _log(f"preempted (SIGTERM): checkpoint of step {p.step} saved in "
            f"{workdir}; run the same command again to resume from it")
       return {"preempted_at_step": p.step}
-  mngr.wait_until_finished()
-  mngr.close()
+  checkpoint.finish(mngr)
 
   params = s["fitter"].params(state, s["frozen"])
   groups = eval_groups(config.eval.groups, reg)
@@ -170,9 +172,10 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
   plain = {v: k for k, v in reg.names.items()}
   task_names = [plain.get(t, t) for t in batches.task_names]
   total, log_every = config.num_train_steps, config.log_every
-  writer = metrics.writer(os.path.join(workdir, "tb"))
+  writer = metrics.writer(config.get("tensorboard_dir") or
+                         paths.join(workdir, "tb"))
   progress = metrics.Progress(start, total, log_every)
-  log_file = open(os.path.join(workdir, "metrics.jsonl"), "a") \
+  log_file = paths.LineLog(paths.join(workdir, "metrics.jsonl")) \
       if jax.process_index() == 0 else None
   adapter_key = (config.get("method") or {}).get("adapter_index_from")
 
@@ -190,22 +193,43 @@ def _train_loop(config, workdir, s, state, start, mngr, vocab, reg, kind,
                                              fitter.schedule(done - 1))
       writer.write_scalars(done, scalars)
       if log_file:
-        log_file.write(json.dumps({"step": done, **scalars}) + "\n")
-        log_file.flush()
+        log_file.write(json.dumps({"step": done, **scalars}))
     progress.update(done, scalars)
     stop = preemption.reached(done)
-    checkpoint.save(mngr, done, state, force=done == total or stop)
+    if checkpoint.save(mngr, done, state, force=done == total or stop) \
+        and log_file:
+      log_file.sync()  # on object stores: lines up to this checkpoint kept
     if stop and done < total:
       raise Preempted(done)
 
+  failed = True
   try:
     with sharding.use_mesh(mesh):
       state, _ = fitter.run(state, s["frozen"], batches, start, put=put,
                             prepare=prepare, on_step=on_step)
+    failed = False
+  except OSError as e:
+    if paths.is_no_space(e) and not isinstance(e, checkpoint.NoSpaceError):
+      raise checkpoint.no_space_error(mngr, e, "writing metrics") from e
+    raise
   finally:
     preemption.close()
     progress.close()
-    writer.flush()
-    if log_file:
-      log_file.close()
+    _close_outputs(writer, log_file, quiet=failed)
   return state
+
+
+def _close_outputs(writer, log_file, quiet):
+  """Flushes TensorBoard and closes metrics.jsonl. After a failure (`quiet`)
+  their own errors (e.g. the same full disk) are logged, not raised over the
+  error that stopped the run."""
+  for close in (writer.flush, log_file.close if log_file else None):
+    if close is None:
+      continue
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 (re-raised unless quiet)
+      if not quiet:
+        raise
+      logging.warning("closing run outputs after a failure: %s: %s",
+                      type(e).__name__, e)

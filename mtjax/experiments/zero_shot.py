@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mtjax import data, methods
+from mtjax import data, methods, paths
 from mtjax.evaluation import evaluate
 from mtjax.evaluation import results as results_lib
 from mtjax.experiments.train import JOBS
@@ -98,7 +98,7 @@ def score_task(scorer, model, params, vocab, examples, config, mesh) -> dict:
 @JOBS.register("zero_shot")
 def run(config, workdir: str) -> dict:
   """Scores config.datasets zero-shot; writes results.json; returns results."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   mesh = sharding.make_mesh(tuple(config.mesh_shape))
   start = time.time()
   model, base = trainer.build_model(config.model, jax.random.key(0), mesh)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from mtjax import methods
+from mtjax import methods, paths
 from mtjax.merging import static
 from mtjax.methods import adapters, transform
 from mtjax.methods import library as library_lib
@@ -296,7 +296,15 @@ def save_merged(model: Model, method: lora_lib.LoRA, params: dict,
                 base: dict, folder: str, overwrite: bool = False) -> dict:
   """Folds the LoRA into the base kernels (LoRA.merge) and writes the result
   as a Hugging Face folder (config.json + model.safetensors, hf.save) that
-  transformers loads. Returns the merged base params."""
+  transformers loads. Returns the merged base params.
+
+  `folder` may be a gs:// URL: hf.save writes a local staging folder that is
+  then uploaded (mtjax.paths.staged_folder)."""
+  if paths.is_url(folder) and not overwrite and paths.exists(
+      paths.join(folder, "model.safetensors")):
+    raise FileExistsError(f"{folder} already holds a checkpoint; pass "
+                          "overwrite=True or choose another folder")
   merged = method.merge(model, {"base": base, **params})
-  hf.save(model, merged, folder, overwrite=overwrite)
+  with paths.staged_folder(folder) as local:
+    hf.save(model, merged, local, overwrite=overwrite)
   return merged

@@ -14,11 +14,12 @@
 PEFT names tensors 'base_model.model.<hf module>.lora_A.weight' with lora_A
 (r, in) = our lora_a.T and lora_B (out, r) = our lora_b.T; its scale is
 lora_alpha / r (lora_alpha / sqrt(r) with use_rslora, converted on read).
+
+Folders may be gs:// URLs (mtjax.paths); orbax gets them unchanged.
 """
 import hashlib
 import json
 import math
-import os
 import re
 from typing import Any, Mapping, Optional
 
@@ -26,8 +27,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import load_file
 
+from mtjax import paths
 from mtjax.methods import transform
 from mtjax.models import hf
 
@@ -81,15 +82,14 @@ def module_maps(model: Model) -> tuple:
 def read_peft(folder: str, model: Model) -> tuple:
   """(LoRA options {rank, alpha, dropout, targets}, {'lora': params}) of a PEFT
   LoRA adapter folder."""
-  cfg_file = os.path.join(folder, "adapter_config.json")
-  weights = os.path.join(folder, "adapter_model.safetensors")
+  cfg_file = paths.join(folder, "adapter_config.json")
+  weights = paths.join(folder, "adapter_model.safetensors")
   for f in (cfg_file, weights):
-    if not os.path.exists(f):
+    if not paths.exists(f):
       raise FileNotFoundError(
           f"{f} not found: a PEFT adapter folder holds adapter_config.json and "
           "adapter_model.safetensors (save with safe_serialization=True)")
-  with open(cfg_file) as f:
-    cfg = json.load(f)
+  cfg = paths.read_json(cfg_file)
   if cfg.get("peft_type") != "LORA":
     raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only "
                      "LORA adapters import")
@@ -106,7 +106,7 @@ def read_peft(folder: str, model: Model) -> tuple:
   if cfg.get("use_rslora"):
     alpha = alpha * math.sqrt(r)   # alpha/sqrt(r) == (alpha sqrt(r)) / r
   _, from_hf = module_maps(model)
-  tensors = load_file(weights)
+  tensors = paths.read_safetensors(weights)
   flat = {}
   pattern = re.compile(
       r"base_model\.model\.(.+)\.lora_(A|B)(?:\.[A-Za-z0-9_]+)?\.weight")
@@ -122,13 +122,13 @@ def read_peft(folder: str, model: Model) -> tuple:
     path = from_hf[module]
     leaf = "lora_a" if which == "A" else "lora_b"
     flat[f"{path}/{leaf}"] = np.asarray(value, np.float32).T
-  paths = sorted({k.rsplit("/", 1)[0] for k in flat})
-  for p in paths:
+  modules = sorted({k.rsplit("/", 1)[0] for k in flat})
+  for p in modules:
     if f"{p}/lora_a" not in flat or f"{p}/lora_b" not in flat:
       raise ValueError(f"{weights}: {p} lacks lora_A or lora_B")
   options = {"rank": r, "alpha": alpha,
              "dropout": float(cfg.get("lora_dropout", 0.0)),
-             "targets": tuple(re.escape(p) for p in paths)}
+             "targets": tuple(re.escape(p) for p in modules)}
   return options, {"lora": transform.nest(flat)}
 
 
@@ -137,16 +137,16 @@ def read_peft(folder: str, model: Model) -> tuple:
 def save_adapter(folder: str, params: dict,
                  method_config: Optional[Mapping[str, Any]] = None) -> None:
   """Orbax checkpoint of method params only (no base), plus method.json."""
-  folder = os.path.abspath(folder)
+  folder = paths.absolute(folder)
   tree = {k: v for k, v in nn.unbox(params).items() if k != "base"}
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(folder, "params"), tree)
+  ckpt.save(paths.join(folder, "params"), tree)
   ckpt.wait_until_finished()
   if method_config is not None:
     cfg = (method_config.to_dict() if hasattr(method_config, "to_dict")
            else dict(method_config))
-    with open(os.path.join(folder, "method.json"), "w") as f:
-      json.dump(jsonable(cfg), f, indent=1)
+    paths.write_json(paths.join(folder, "method.json"), jsonable(cfg),
+                     indent=1)
 
 
 def load_adapter(path: str, model: Optional[Model] = None) -> dict:
@@ -156,40 +156,44 @@ def load_adapter(path: str, model: Optional[Model] = None) -> dict:
   Host numpy arrays; safe to call while a method's init is being traced.
   """
   with jax.ensure_compile_time_eval():
-    return jax.tree.map(np.asarray, _load_adapter(os.path.abspath(path), model))
+    return jax.tree.map(np.asarray, _load_adapter(paths.absolute(path), model))
 
 
 def read_weights(folder: str, name: str = "") -> dict:
   """Nested params of an expert folder's weights file."""
-  path = os.path.join(folder, WEIGHTS)
-  if not os.path.exists(path):
+  path = paths.join(folder, WEIGHTS)
+  if not paths.exists(path):
     raise FileNotFoundError(f"expert {name or folder!r} has no {WEIGHTS} in "
                             f"{folder}")
   try:
-    return from_flat(load_file(path))
+    return from_flat(paths.read_safetensors(path))
   except Exception as e:  # noqa: BLE001 (safetensors raises its own types)
     raise ValueError(f"expert {name or folder!r}: cannot read {path} ({e})") \
         from e
 
 
 def _load_adapter(path, model):
-  if os.path.exists(os.path.join(path, EXPERT_JSON)):
+  if paths.exists(paths.join(path, EXPERT_JSON)):
     return read_weights(path)
-  if os.path.exists(os.path.join(path, "adapter_config.json")):
+  if paths.exists(paths.join(path, "adapter_config.json")):
     if model is None:
       raise ValueError(f"{path} is a PEFT adapter: pass the model to map its "
                        "module names")
     return read_peft(path, model)[1]
-  if os.path.isdir(os.path.join(path, "params")):
+  if paths.isdir(paths.join(path, "params")):
     return jax.tree.map(np.asarray,
                         ocp.StandardCheckpointer().restore(
-                            os.path.join(path, "params")))
-  steps_dir = os.path.join(path, "checkpoints")
-  if os.path.isdir(steps_dir):
-    steps = sorted(int(n) for n in os.listdir(steps_dir) if n.isdigit())
+                            paths.join(path, "params")))
+  steps_dir = paths.join(path, "checkpoints")
+  if paths.isdir(steps_dir):
+    # Finalized steps only: on an object store an unfinished save is a
+    # '<step>' folder without its commit file.
+    steps = [n for n in paths.listdir(steps_dir) if n.isdigit() and
+             ocp.path.step.is_path_finalized(paths.join(steps_dir, n))]
+    steps = sorted(int(n) for n in steps)
     if steps:
       restored = ocp.StandardCheckpointer().restore(
-          os.path.join(steps_dir, str(steps[-1]), "state"))
+          paths.join(steps_dir, str(steps[-1]), "state"))
       flat = restored["params"]
       return transform.nest({k: np.asarray(v) for k, v in flat.items()
                              if not k.startswith("base/")})

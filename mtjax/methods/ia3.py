@@ -9,7 +9,11 @@ fresh (IA)3 leaves the model unchanged (as PEFT's IA3 with init_ia3_weights).
 
 Params: {'ia3': nested-by-module-path {'scale': (out,) or (in,)}} with the
 target kernel's out (resp. in) logical axis; a library stacks (E, features)
-and inputs['adapter_index'] picks one per example.
+and inputs['adapter_index'] picks one per example: each example's tokens are
+assignments to its adapter (k = 1, weight 1), as in mixed-adapter LoRA
+batches (mtjax.methods.grouped); an (IA)3 adapter has no rank, so its whole
+application is the per-example gather of one vector (grouped.scale_per_example,
+B*F numbers, one activation row per example), then a product.
 
 Config: targets (output-rescaled regexes), ff_targets (input-rescaled regexes),
 num_experts=0.
@@ -20,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax.methods import transform
+from mtjax.methods import grouped, transform
 
 DEFAULTS = {
     "t5": ((r".*(SelfAttention|EncDecAttention)/(k|v)",), (r".*/wo",)),
@@ -74,20 +78,18 @@ class IA3:
 
 
   @staticmethod
-  def _broadcast(vec, x):
-    """(F,) -> as is; (B, F) -> (B, 1, .., F) to broadcast over x (B, .., F)."""
+  def _scale(x, vec, adapter_index):
+    """x (B, .., F) times vec (F,), or each example's row of vec (E, F)."""
     if vec.ndim == 1:
-      return vec
-    return vec.reshape(vec.shape[:1] + (1,) * (x.ndim - 2) + vec.shape[1:])
+      return x * vec.astype(x.dtype)
+    transform.check_adapter_index(vec, adapter_index)
+    return grouped.scale_per_example(x, vec, adapter_index)
 
   def hook(self, next_fun: Callable, x: jax.Array, leaf: dict,
            ctx: transform.HookContext) -> jax.Array:
     if "scale_in" in leaf:
-      s = transform.select(leaf["scale_in"], ctx.adapter_index, 1)
-      return next_fun((x * self._broadcast(s, x).astype(x.dtype)))
-    y = next_fun(x)
-    s = transform.select(leaf["scale"], ctx.adapter_index, 1)
-    return y * self._broadcast(s, y).astype(y.dtype)
+      return next_fun(self._scale(x, leaf["scale_in"], ctx.adapter_index))
+    return self._scale(next_fun(x), leaf["scale"], ctx.adapter_index)
 
   def apply(self, model: Model, params: dict, inputs: dict, *,
             rng: Optional[jax.Array] = None, deterministic: bool = True,

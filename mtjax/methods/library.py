@@ -16,11 +16,11 @@ Hugging Face PEFT interchange (LoRA on T5 and Llama-family models):
   import_peft(folder, model) -> (LoRA method, {'lora': ...}).
 Adapter files apart from a library (orbax, PEFT folders, trainer workdirs)
 are read by mtjax.methods.adapters. Training a library is an experiment
-(mtjax.experiments.library).
+(mtjax.experiments.library). ROOT and export folders may be gs:// URLs
+(mtjax.paths).
 """
 import dataclasses
 import json
-import os
 import re
 import time
 from typing import Any, List, Mapping, Optional, Sequence
@@ -28,8 +28,8 @@ from typing import Any, List, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
+from mtjax import paths
 from mtjax.methods import adapters, transform
 from mtjax.methods import lora as lora_lib
 from mtjax.methods.adapters import EXPERT_JSON, WEIGHTS
@@ -62,7 +62,7 @@ class Library:
   """A folder of experts (see module docstring)."""
 
   def __init__(self, root: str) -> None:
-    self.root = os.path.abspath(root)
+    self.root = paths.absolute(root)
 
   def add(self, name: str, method_config: Mapping[str, Any], params: dict, *,
           task: Optional[str] = None, base_model: Optional[str] = None,
@@ -71,11 +71,11 @@ class Library:
     """Writes one expert; `params` = method trees, e.g. {'lora': {...}}."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
       raise ValueError(f"expert name {name!r}: use letters, digits, '_.-'")
-    folder = os.path.join(self.root, name)
-    if os.path.exists(os.path.join(folder, EXPERT_JSON)) and not overwrite:
+    folder = paths.join(self.root, name)
+    if paths.exists(paths.join(folder, EXPERT_JSON)) and not overwrite:
       raise FileExistsError(f"expert {name!r} already exists in {self.root}; "
                             "pass overwrite=True to replace it")
-    os.makedirs(folder, exist_ok=True)
+    paths.makedirs(folder)
     cfg = (method_config.to_dict() if hasattr(method_config, "to_dict")
            else dict(method_config))
     info = {"format": FORMAT, "name": name, "method": adapters.jsonable(cfg),
@@ -85,30 +85,31 @@ class Library:
                 else adapters.fingerprint(base_params)},
             "steps": steps, "metrics": adapters.jsonable(metrics or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    save_file(adapters.to_flat_numpy(params), os.path.join(folder, WEIGHTS))
-    with open(os.path.join(folder, EXPERT_JSON), "w") as f:
-      json.dump(info, f, indent=1)
+    # Weights first, expert.json last: `list` shows only complete experts.
+    paths.write_safetensors(paths.join(folder, WEIGHTS),
+                            adapters.to_flat_numpy(params))
+    paths.write_json(paths.join(folder, EXPERT_JSON), info, indent=1)
     return Expert(name, folder, info)
 
   # Below this method `list` names it, not the builtin: annotations say List.
   def list(self) -> List[Expert]:
     """All experts (metadata only), sorted by name."""
-    if not os.path.isdir(self.root):
+    if not paths.isdir(self.root):
       raise FileNotFoundError(f"expert library {self.root} does not exist")
     out = []
-    for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-      meta = os.path.join(entry.path, EXPERT_JSON)
-      if entry.is_dir() and os.path.exists(meta):
-        with open(meta) as f:
-          out.append(Expert(entry.name, entry.path, json.load(f)))
+    for name in paths.listdir(self.root):
+      folder = paths.join(self.root, name)
+      meta = paths.join(folder, EXPERT_JSON)
+      if paths.exists(meta):   # a folder with its expert.json
+        out.append(Expert(name, folder, paths.read_json(meta)))
     return out
 
   def get(self, name: str) -> Expert:
-    meta = os.path.join(self.root, name, EXPERT_JSON)
-    if not os.path.exists(meta):
+    folder = paths.join(self.root, name)
+    meta = paths.join(folder, EXPERT_JSON)
+    if not paths.exists(meta):
       raise KeyError(f"no expert {name!r} in {self.root}")
-    with open(meta) as f:
-      return Expert(name, os.path.dirname(meta), json.load(f))
+    return Expert(name, folder, paths.read_json(meta))
 
   def stack(self, names: Sequence[str]) -> tuple:
     """(method_config with num_experts=E, params with a leading E axis)."""
@@ -168,11 +169,10 @@ def export_peft(model: Model, method: lora_lib.LoRA, params: dict, folder: str,
       "layers_to_transform": None, "layers_pattern": None,
       "base_model_name_or_path": base_model_name_or_path,
   }
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  save_file(tensors, os.path.join(folder, "adapter_model.safetensors"),
-            metadata={"format": "pt"})
+  paths.makedirs(folder)
+  paths.write_json(paths.join(folder, "adapter_config.json"), config, indent=2)
+  paths.write_safetensors(paths.join(folder, "adapter_model.safetensors"),
+                          tensors, metadata={"format": "pt"})
 
 
 def import_peft(folder: str, model: Model) -> tuple:

@@ -9,12 +9,18 @@ Params: {'lora': nested-by-module-path {'lora_a': (in, r), 'lora_b': (r, out)}},
 logical axes (in_axis, 'rank') and ('rank', out_axis) of the target kernel.
 A library of E adapters stacks them as (E, in, r) / (E, r, out) with a leading
 'adapters' axis (not in sharding.RULES, so replicated); inputs['adapter_index']
-(B,) picks one per example and the update is a gathered, batched einsum (no
-Python loop over adapters).
+(B,) picks one per example (a mixed-adapter batch, as served by Punica, Chen
+et al. 2023, arXiv:2310.18547, and S-LoRA, Sheng et al. 2023,
+arXiv:2311.03285). Each example's tokens are then assignments to its adapter
+(k = 1, weight 1) applied by mtjax.methods.grouped, the kernels routing uses:
+`impl` 'auto' is a per-example gather of the factors on CPU, Punica's SGMV
+(prefill, training) or BGMV (decoding) Pallas kernels on GPU, megablox on
+TPU (grouped.per_example_impl); no Python loop over adapters.
 
 Config (ml_collections or dict): rank=8, alpha=16, dropout=0.0,
 targets=(regexes over module paths, e.g. '.*self_attn/(q_proj|v_proj)'),
-init_a='kaiming_uniform'|'gaussian', num_experts=0 (0: a single adapter).
+init_a='kaiming_uniform'|'gaussian', num_experts=0 (0: a single adapter),
+impl='auto' (mixed-adapter batches: one of grouped.IMPLS).
 """
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -23,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax.methods import adapters, transform
+from mtjax.methods import adapters, grouped, transform
 
 DEFAULT_TARGETS = {
     "t5": (r".*(SelfAttention|EncDecAttention)/(q|v)",),
@@ -47,11 +53,14 @@ class LoRA:
   def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Union[str, Sequence[str], None] = None,
                init_a: str = "kaiming_uniform", num_experts: int = 0,
-               init_from: Optional[str] = None) -> None:
+               init_from: Optional[str] = None, impl: str = "auto") -> None:
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if init_a not in ("kaiming_uniform", "gaussian"):
       raise ValueError(f"init_a {init_a!r}: use 'kaiming_uniform' or 'gaussian'")
+    if impl not in grouped.IMPLS:
+      raise ValueError(f"impl {impl!r}: use one of {grouped.IMPLS}")
+    self.impl = impl
     self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
     self.targets = None if targets is None else tuple(
         [targets] if isinstance(targets, str) else targets)
@@ -116,14 +125,13 @@ class LoRA:
            ctx: transform.HookContext) -> jax.Array:
     y = next_fun(x)
     dtype = ctx.module.dtype
-    a = transform.select(leaf["lora_a"], ctx.adapter_index, 2).astype(dtype)
-    b = transform.select(leaf["lora_b"], ctx.adapter_index, 2).astype(dtype)
+    a, b = leaf["lora_a"], leaf["lora_b"]
     h = ctx.dropout(x.astype(dtype), self.dropout)
     if a.ndim == 2:
-      delta = (h @ a) @ b
-    else:   # per-example adapters: a (B, in, r), b (B, r, out)
-      delta = jnp.einsum("b...r,bro->b...o",
-                         jnp.einsum("b...i,bir->b...r", h, a), b)
+      delta = (h @ a.astype(dtype)) @ b.astype(dtype)
+    else:   # a library (E, in, r), (E, r, out): each example its adapter
+      transform.check_adapter_index(a, ctx.adapter_index)
+      delta = grouped.apply_per_example(h, a, b, ctx.adapter_index, self.impl)
     return y + (delta * self.scale).astype(y.dtype)
 
   def apply(self, model: Model, params: dict, inputs: dict, *,

@@ -28,8 +28,6 @@ Arrays:
   positions  (B,) int32, the injection position of each row.
 """
 import functools
-import json
-import os
 import re
 from typing import Any, Callable, Optional, Tuple
 
@@ -38,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-from safetensors.numpy import load_file, save_file
 
+from mtjax import paths
 from mtjax.methods import transform
 from mtjax.models import decoder, decoding, layers
 
@@ -514,28 +512,29 @@ def generate_uncached(model: Model, params: dict, input_ids: ArrayLike,
 
 def save(directory: str, task: str, embedding: ArrayLike,
          alpha_logits: Optional[ArrayLike] = None, **meta: Any) -> str:
-  """Writes <directory>/<task>/soft_injection.{safetensors,json}."""
-  path = os.path.join(directory, task)
-  os.makedirs(path, exist_ok=True)
+  """Writes <directory>/<task>/soft_injection.{safetensors,json} (directory:
+  a path or a gs:// URL, mtjax.paths)."""
+  path = paths.join(directory, task)
+  paths.makedirs(path)
   tensors = {"embedding": np.asarray(embedding, np.float32)}
   if alpha_logits is not None:
     tensors["alpha_logits"] = np.asarray(alpha_logits, np.float32)
-  save_file(tensors, os.path.join(path, "soft_injection.safetensors"))
+  paths.write_safetensors(paths.join(path, "soft_injection.safetensors"),
+                          tensors)
   info = {"method": "soft_injection", "task": task,
           "shape": list(tensors["embedding"].shape), **meta}
-  with open(os.path.join(path, "soft_injection.json"), "w") as f:
-    json.dump(info, f, indent=1, default=str)
+  paths.write_json(paths.join(path, "soft_injection.json"), info, indent=1,
+                   default=str)
   return path
 
 
 def load(directory: str, task: str) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
   """-> (embedding (L,H,D), alpha_logits (L,H) or None, meta dict)."""
-  path = os.path.join(directory, task)
-  file = os.path.join(path, "soft_injection.safetensors")
-  if not os.path.exists(file):
+  path = paths.join(directory, task)
+  file = paths.join(path, "soft_injection.safetensors")
+  if not paths.exists(file):
     raise FileNotFoundError(f"no soft-injection embedding for task {task!r} "
                             f"at {file}; build it with task_embedding() + save().")
-  tensors = load_file(file)
-  with open(os.path.join(path, "soft_injection.json")) as f:
-    meta = json.load(f)
+  tensors = paths.read_safetensors(file)
+  meta = paths.read_json(paths.join(path, "soft_injection.json"))
   return tensors["embedding"], tensors.get("alpha_logits"), meta

@@ -25,7 +25,9 @@ Example (a hand-written "scale every q projection output by s"):
 Method parameters carry logical axis names derived from the target kernel's
 axes (`Target.in_axis`, `Target.out_axis`), so `sharding.RULES` shards them the
 same way as the base model. `ctx` (a `HookContext`) carries the per-example
-adapter index for mixed-adapter batches and the rng/deterministic flags.
+adapter index for mixed-adapter batches (applied by mtjax.methods.grouped,
+the sort-and-segment / gather kernels routing uses too) and the
+rng/deterministic flags.
 
 Incremental (KV-cached) decoding goes through the same `method.apply`:
 
@@ -262,19 +264,27 @@ def linear_interceptor(tree: dict, hook: Callable,
   return interceptor
 
 
-def select(param: jax.Array, adapter_index: Optional[jax.Array],
-           batch_ndim: int) -> jax.Array:
-  """Per-example parameter for mixed-adapter batches.
-
-  param: (..) for one adapter or (E, ..) with `batch_ndim`+1 dims for a library;
-  returns param unchanged, or param[adapter_index] of shape (B, ..).
-  """
-  if param.ndim == batch_ndim:
-    return param
+def check_adapter_index(param: jax.Array,
+                        adapter_index: Optional[jax.Array]) -> None:
+  """Raises unless a library param (E, ..) comes with inputs' adapter_index."""
   if adapter_index is None:
     raise ValueError(
         f"method params have a leading expert axis of size {param.shape[0]} "
         "but inputs carry no 'adapter_index' (B,) int32 choosing one per example")
+
+
+def select(param: jax.Array, adapter_index: Optional[jax.Array],
+           batch_ndim: int) -> jax.Array:
+  """Per-example parameter for mixed-adapter batches (a copy per example).
+
+  param: (..) for one adapter or (E, ..) with `batch_ndim`+1 dims for a library;
+  returns param unchanged, or param[adapter_index] of shape (B, ..). LoRA and
+  (IA)3 apply libraries through mtjax.methods.grouped instead (Punica-style
+  kernels shared with routing); prompt tuning selects its prompts here.
+  """
+  if param.ndim == batch_ndim:
+    return param
+  check_adapter_index(param, adapter_index)
   return jnp.take(param, adapter_index, axis=0)
 
 

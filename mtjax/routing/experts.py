@@ -16,13 +16,13 @@ tree}]}; stacked for routing: {path: {'lora_a': (E, d, r), 'lora_b': (E, r,
 o), 'gate': (E, d)}}. With an 'experts' mesh axis (see `expert_mesh`) the
 leading axis is sharded over it by the logical rule ('experts', 'experts').
 """
-import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax import paths
 from mtjax.methods import adapters, transform
 from mtjax.methods import library as disk
 from mtjax.models import sharding
@@ -150,12 +150,12 @@ def save_library(library: dict, root: str, lora: LoRAMethod,
   An expert's folder holds {'lora': ..., 'gate': ...}; adding an expert later
   writes one new folder and leaves the others' files untouched. With
   `base_params`, each expert records the base's fingerprint, which
-  `load_library` checks.
+  `load_library` checks. `root` may be a gs:// URL (mtjax.paths).
   """
   lib = disk.Library(root)
   cfg = {"name": "lora", "rank": lora.rank, "alpha": lora.alpha,
          "targets": list(lora.targets or ())}
-  have = set(e.name for e in lib.list()) if os.path.isdir(root) else set()
+  have = set(e.name for e in lib.list()) if paths.isdir(root) else set()
   for name, entry in zip(library["names"], library["experts"], strict=True):
     if name not in have or overwrite:   # existing experts are left as they are
       lib.add(name, cfg, entry, task=name, overwrite=overwrite,

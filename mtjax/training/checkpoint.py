@@ -2,17 +2,26 @@
 
 WORKDIR/checkpoints/<step>/state holds {'step', 'params' (trainable leaves),
 'opt_state'}. Frozen leaves are not saved: they are rebuilt deterministically
-from the config (config.seed or config.model.hf_path) at start.
+from the config (config.seed or config.model.hf_path) at start. WORKDIR may
+be a local folder or a gs:// URL (mtjax.paths): orbax gets the URL as it is.
 
-Atomicity is orbax's: a step is written to '<step>.orbax-checkpoint-tmp-*'
-and renamed when complete, and CheckpointManager lists only finalized steps,
-so a save killed half-way is never restored. Such leftovers are reported
-(never deleted) by `incomplete_checkpoints`. A finalized checkpoint whose
-files were damaged later (truncated, zeroed, missing) fails tensorstore's
-read checks: `restore_latest` names it, moves it aside and uses the previous
-one.
+Atomicity is orbax's: on a local disk a step is written to
+'<step>.orbax-checkpoint-tmp*' and renamed when complete; on an object store
+(gs://) it is written in place and finalized by writing
+'<step>/commit_success.txt' last. CheckpointManager lists only finalized
+steps, so a save killed half-way is never restored. Such leftovers are
+reported (never deleted) by `incomplete_checkpoints`. A finalized checkpoint
+whose files were damaged later (truncated, zeroed, missing) fails
+tensorstore's read checks: `restore_latest` names it, moves it aside and uses
+the previous one.
+
+A full disk while saving (ENOSPC / EDQUOT, from orbax's own writes or
+tensorstore's) ends the run with `NoSpaceError`, which names the workdir, the
+finalized checkpoints that remain and what to do; the unfinished step is left
+unfinalized, so the next run restores the last good one.
 """
 import datetime
+import errno
 import json
 import os
 from typing import Any
@@ -22,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
-from mtjax import distributed
+from mtjax import distributed, paths
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -39,16 +48,64 @@ def manager(workdir: str, save_every: int, keep: int,
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policy, max_to_keep=keep, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
-                                            "checkpoints"),
+  return ocp.CheckpointManager(paths.join(paths.absolute(workdir),
+                                          "checkpoints"),
                                options=options, item_names=("state",))
+
+
+class NoSpaceError(OSError):
+  """The device holding the workdir filled up (or its quota ran out) while
+  the run wrote a checkpoint or its metrics."""
+
+
+def no_space_error(mngr: ocp.CheckpointManager, e: BaseException,
+                   doing: str = "saving a checkpoint") -> NoSpaceError:
+  """The clear error for a write of the run that failed on a full device (or
+  quota): names the workdir, the checkpoints that remain and the fix."""
+  folder = os.fspath(mngr.directory)
+  workdir = os.path.dirname(folder.rstrip("/"))
+  good = finalized_steps(folder)
+  partial = incomplete_checkpoints(workdir)
+  kept = (f"the finalized checkpoints {good} are intact and the next run "
+          f"resumes from step {good[-1]}" if good else
+          "no checkpoint was finalized yet")
+  leftovers = (f"; the unfinished {partial} can be deleted" if partial else "")
+  reason = paths.no_space_reason(e)
+  msg = (f"no space left on the device holding the workdir {workdir} while "
+         f"{doing} ({type(e).__name__}: {reason}); {kept}. Free space there "
+         f"(older runs{leftovers}) or lower --config.keep_checkpoints, then "
+         "run the same command again; or use a --workdir on a filesystem "
+         "with room (copy the checkpoints/ folder there to keep the "
+         "progress).")
+  code = errno.EDQUOT if reason == os.strerror(errno.EDQUOT) else errno.ENOSPC
+  return NoSpaceError(code, msg)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict,
          force: bool = False) -> bool:
-  """Saves if the interval says so (or force); returns whether it saved."""
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state)), force=force)
+  """Saves if the interval says so (or force); returns whether it saved.
+
+  Raises NoSpaceError when this save, or the previous (asynchronous) one
+  whose error surfaces here, ran out of space."""
+  try:
+    return mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state)), force=force)
+  except Exception as e:
+    if paths.is_no_space(e):
+      raise no_space_error(mngr, e) from e
+    raise
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the last asynchronous save and closes the manager; a full
+  device raises NoSpaceError as in `save`."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    if paths.is_no_space(e):
+      raise no_space_error(mngr, e) from e
+    raise
+  mngr.close()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: dict) -> tuple:
@@ -84,23 +141,36 @@ def move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   """Renames checkpoint `step` to '<step>.damaged[.<n>]' (process 0; every
   process waits), and makes the manager forget it."""
   folder = os.fspath(mngr.directory)
-  src = os.path.join(folder, str(step))
+  src = paths.join(folder, str(step))
   dst, n = src + ".damaged", 1
-  while os.path.exists(dst):
+  while paths.exists(dst):
     dst, n = f"{src}.damaged.{n}", n + 1
   if jax.process_index() == 0:
-    os.rename(src, dst)
+    paths.move(src, dst)
   distributed.sync(f"checkpoint_move_aside_{step}")
   mngr.reload()
   return dst
 
 
-def incomplete_checkpoints(workdir: str) -> list:
-  """Names of unfinished (tmp) checkpoint folders left by an interrupted save."""
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder):
+def finalized_steps(folder: str) -> list:
+  """Sorted steps of the finalized checkpoints in a checkpoints folder."""
+  if not paths.isdir(folder):
     return []
-  return sorted(n for n in os.listdir(folder) if TMP_MARKER in n)
+  return sorted(int(n) for n in paths.listdir(folder) if n.isdigit() and
+                ocp.path.step.is_path_finalized(paths.join(folder, n)))
+
+
+def incomplete_checkpoints(workdir: str) -> list:
+  """Names of unfinished checkpoint folders left by an interrupted save:
+  orbax's tmp folders (local disks) and step folders without their commit
+  file (object stores, where orbax writes in place)."""
+  folder = paths.join(workdir, "checkpoints")
+  if not paths.isdir(folder):
+    return []
+  names = paths.listdir(folder)
+  return sorted(n for n in names if TMP_MARKER in n or (
+      n.isdigit() and not ocp.path.step.is_path_finalized(
+          paths.join(folder, n))))
 
 
 # ------------------------------------------------------------ config guard
@@ -143,11 +213,10 @@ def check_workdir_config(workdir: str, config: Config,
   config.<timestamp>.json and the new one written; training then resumes from
   the workdir's latest checkpoint.
   """
-  path = os.path.join(workdir, "config.json")
+  path = paths.join(workdir, "config.json")
   current = config_to_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if paths.exists(path):
+    saved = paths.read_json(path)
     diffs = config_differences(saved, current)
     if not diffs:
       return
@@ -160,10 +229,9 @@ def check_workdir_config(workdir: str, config: Config,
           "kept as config.<time>.json).")
     if is_writer:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-      os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+      paths.move(path, paths.join(workdir, f"config.{stamp}.json"))
       logging.warning("overwrite_config: %d changed keys; old config kept as "
                       "config.%s.json", len(diffs), stamp)
   if is_writer:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+    paths.makedirs(workdir)
+    paths.write_json(path, current, indent=2, sort_keys=True)

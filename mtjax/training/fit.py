@@ -95,9 +95,12 @@ class Fitter:
     return trainer.unflatten({**state["params"], **frozen})
 
   def fit(self, flat: dict, flat_sh: dict, batches: Iterator[dict],
-          prepare: Optional[Callable] = None) -> tuple:
-    """init + run + params: (nested params, last loss or nan)."""
+          prepare: Optional[Callable] = None, *,
+          put: Callable = trainer.put_batch) -> tuple:
+    """init + run + params: (nested params, last loss or nan). put: as in
+    `run` (trainer.put_global_batch for batches every process reads whole)."""
     state, frozen = self.init(flat, flat_sh)
-    state, metrics = self.run(state, frozen, batches, prepare=prepare)
+    state, metrics = self.run(state, frozen, batches, put=put,
+                              prepare=prepare)
     loss = float("nan") if metrics is None else float(metrics["loss"])
     return self.params(state, frozen), loss

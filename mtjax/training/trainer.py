@@ -218,8 +218,11 @@ def init_state(tx: optax.GradientTransformation, trainable: dict,
               "opt_state": opt_sh}
 
   def init(p):
+    # Every leaf strongly typed (astype): a weak-typed init (jnp.full(n, 0.3))
+    # would differ from the step's outputs and compile the step twice.
     p = jax.tree.map(lambda v: v.astype(jnp.float32) if jnp.issubdtype(
-        v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32 else v, p)
+        v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32
+        else v.astype(v.dtype), p)
     return {"step": jnp.zeros((), jnp.int32), "params": p,
             "opt_state": tx.init(p)}
   state = jax.jit(init, out_shardings=state_sh)(trainable)
