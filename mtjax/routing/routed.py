@@ -4,7 +4,9 @@ A router is a method (the mtjax.methods contract) over params {'base': ...,
 'experts': {path: {'lora_a': (E, d, r), 'lora_b': (E, r, o), <its leaves>}}}.
 In each targeted module and for each token it picks k experts with weights
 (`route`) and adds their weighted LoRA updates; experts are applied by
-sort-and-segment (kernels.apply_experts), so cost grows with k, not E.
+kernels.apply_experts (impl 'auto': sort-and-segment for many tokens, a
+per-assignment gather or the BGMV kernel for a decoding step's few), so cost
+grows with k, not E.
 
 Routers are registered by name in `ROUTERS`. A new token-level router is one
 class: subclass `RoutedLoRA`, implement `logits(h, leaf)` (and, if it needs
