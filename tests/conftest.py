@@ -1,7 +1,27 @@
 """Test set-up: 8 fake CPU devices so sharding is exercised without a pod."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Compilation dominates this suite's time on CPU (tiny models, many shapes),
+# so the tests compile without LLVM's expensive passes (XLA's own emitters
+# fix the order of float sums, so results are unchanged), ...
+FAST_COMPILE = ("--xla_backend_optimization_level=0 "
+                "--xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      + FAST_COMPILE)
+# ... and share one persistent compilation cache, made fresh for each session
+# (the xdist workers and the subprocesses the tests start inherit it): the
+# resume, fault and multi-process tests launch the same tiny programs many
+# times. Hits are the same executables, so no result depends on the cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="mtjax-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Exactness tests compare f32 results at 1e-5; GPUs would otherwise use TF32

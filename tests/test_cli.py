@@ -8,6 +8,7 @@ import pytest
 
 from mtjax import main as cli
 from mtjax.training import checkpoint
+from job_env import job_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -22,8 +23,7 @@ TINY = [
 
 
 def _run(workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  env = job_env()
   return subprocess.run(
       [sys.executable, "-m", "mtjax.main", "--config=configs/quickstart.py",
        f"--workdir={workdir}", *extra], cwd=REPO, env=env,

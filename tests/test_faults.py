@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mtjax.training import checkpoint
+from job_env import job_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 3
@@ -48,8 +49,7 @@ def _cmd(workdir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return job_env()
 
 
 def _raw_state(workdir, step):

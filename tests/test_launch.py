@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mtjax import distributed
+from job_env import job_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOCAL = [sys.executable, str(REPO / "launch" / "local.py")]
@@ -172,10 +173,10 @@ def test_auto_detects_a_slurm_step():
   port = str(_free_port())
   procs = []
   for i in range(2):
-    env = dict(os.environ, MTJAX_COORDINATOR="auto", SLURM_JOB_ID="4242",
-               SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-               SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=port,
-               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = job_env(MTJAX_COORDINATOR="auto", SLURM_JOB_ID="4242",
+                  SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                  SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                  JAX_COORDINATOR_PORT=port)
     procs.append(subprocess.Popen([sys.executable, "-c", snippet], env=env, cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True))

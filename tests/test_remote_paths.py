@@ -51,6 +51,7 @@ from mtjax.methods import soft_injection as si
 from mtjax.models import decoder
 from mtjax.routing import experts as ex
 from mtjax.training import checkpoint
+from job_env import job_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "mtjax-test"
@@ -164,9 +165,7 @@ def _cmd(workdir, config="configs/quickstart.py"):
 
 
 def _env(extra=None):
-  return dict(os.environ, **(extra or {}),
-              XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return job_env(**(extra or {}))
 
 
 def _final_params(workdir):

@@ -14,6 +14,7 @@ import pytest
 
 from mtjax import distributed
 from mtjax.training import checkpoint
+from job_env import job_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 3
@@ -34,8 +35,7 @@ def _cmd(workdir):
 
 
 def _env():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  env = job_env()
   return env
 
 
