@@ -1,13 +1,21 @@
 """Multi-process training through launch/local.py (gloo over localhost).
 
-One 2-process x 4-device run of configs/multihost_tiny.py is SIGKILLed (all its
-processes at once, like a lost machine) after step KILL_AT, restarted with the
-same command, and must resume from its last orbax checkpoint. Its loss curve,
-final state and evaluation results must match a 1-process x 8-device run of
-the same config (whose batches do not depend on the process count:
-data.shard_by='rows'). A SIGTERM to another 2 x 4 run makes every process
-save the step JAX's preemption sync manager agrees on and exit 0; resumed,
-it ends like the 1 x 8 run.
+A 2-process x 4-device run of configs/multihost_tiny.py (12 steps, a
+checkpoint every 3) is interrupted twice, and must end like a 1-process x
+8-device run of the same config (whose batches do not depend on the process
+count: data.shard_by='rows'): same loss curve, final state and evaluation
+results.
+  1. SIGKILL of all its processes at once (a lost machine), as soon as
+     checkpoint 3 is committed (from step 4 on). Restarted with the same
+     command, it resumes from its last orbax checkpoint, and the steps it
+     runs again log identical metrics.
+  2. That resumed run gets a SIGTERM (a Spot/queued TPU reclaim, a SLURM
+     time limit) from step 4 on: every process saves the step JAX's
+     preemption sync manager agrees on and exits 0. A third start resumes
+     from that step and finishes.
+One chain of three 2 x 4 launches tests both interruptions (each launch
+costs its processes' start-up and compilation; the 1 x 8 run goes alongside
+the first).
 
 The measured differences print with
   python -m pytest -q -s tests/test_multihost.py
@@ -28,8 +36,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "multihost_tiny.py"
 STEPS = 12          # configs/multihost_tiny.py: num_train_steps
 CHECKPOINT_EVERY = 3
-KILL_AT = 7         # by this step's log line checkpoint 3 is committed: the
-                    # save at step 6 waits for the previous save to finish.
+# SIGKILL at the first log line from step KILL_AT on at which checkpoint
+# CHECKPOINT_EVERY is committed (orbax renames its tmp folder to '3' last):
+# by step 7's line at the latest, since the save at step 6 waits for it.
+KILL_AT = CHECKPOINT_EVERY + 1
+# SIGTERM to the resumed run at its first log line from this step on
+# (between the periodic checkpoints 3 and 6). The step the processes agree on
+# comes up to ~1 s later (JAX's SIGTERM notifier polls each second): 1 to 3
+# steps later measured, well before STEPS.
+PREEMPT_AT = 4
 # f32, same global batches, same mesh: only the order of the cross-device sums
 # differs (gloo between the processes vs. in-process), so a few ulps per step,
 # grown by 12 Adam updates.
@@ -38,7 +53,9 @@ PARAM_TOL = 1e-5    # absolute; params are O(1)
 TIMEOUT_S = 600
 
 
-def _launch(workdir, num_processes, devices_per_process, watch_step=None):
+def _launch(workdir, num_processes, devices_per_process, stop_when=None):
+  """Starts launch/local.py; `proc.stop` is set (and `proc.stop_step` holds
+  the step) at process 0's first 'step N/' line with stop_when(N) true."""
   command = [sys.executable, str(REPO / "launch" / "local.py"),
              f"--num_processes={num_processes}",
              f"--devices_per_process={devices_per_process}", "--",
@@ -49,16 +66,33 @@ def _launch(workdir, num_processes, devices_per_process, watch_step=None):
                           stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
   proc.lines = []
-  proc.seen_kill_step = threading.Event()
+  proc.stop = threading.Event()
+  proc.stop_step = None
 
   def read():
     for line in proc.stdout:
       proc.lines.append(line)
-      if line.startswith(f"[0] step {watch_step or KILL_AT}/"):
-        proc.seen_kill_step.set()
+      if (stop_when and not proc.stop.is_set()
+          and line.startswith("[0] step ")):
+        step = int(line.split()[2].split("/")[0])
+        if stop_when(step):
+          proc.stop_step = step
+          proc.stop.set()
   proc.reader = threading.Thread(target=read, daemon=True)
   proc.reader.start()
   return proc
+
+
+def _wait_for_stop(proc, what, *others):
+  """Waits for proc.stop; on a timeout or an early exit kills proc and
+  `others` and fails with the end of proc's output."""
+  deadline = time.monotonic() + TIMEOUT_S
+  while not proc.stop.wait(1):
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.reader.join(timeout=10)
+      for p in (proc, *others):
+        _kill_all(p)
+      pytest.fail(f"never reached {what}:\n" + "".join(proc.lines)[-5000:])
 
 
 def _finish(proc, timeout=TIMEOUT_S):
@@ -147,30 +181,48 @@ def _max_abs_diff(a, b):
              for x, y in zip(leaves_a, leaves_b))
 
 
+def _committed(workdir, step):
+  return (workdir / "checkpoints" / str(step)).is_dir()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   one, two = root / "one_process", root / "two_processes"
   t0 = time.monotonic()
   ref = _launch(one, 1, 8)
-  first = _launch(two, 2, 4)
-  if not first.seen_kill_step.wait(TIMEOUT_S):
-    _kill_all(first)
-    _kill_all(ref)
-    pytest.fail("2-process run never logged step %d:\n%s"
-                % (KILL_AT, "".join(first.lines)[-5000:]))
+  # 1. SIGKILL once checkpoint CHECKPOINT_EVERY is committed.
+  first = _launch(two, 2, 4, stop_when=lambda step: step >= KILL_AT and
+                  _committed(two, CHECKPOINT_EVERY))
+  _wait_for_stop(first, f"step {KILL_AT} with checkpoint {CHECKPOINT_EVERY} "
+                 "committed", ref)
   _kill_all(first)
-  killed_code = first.returncode
+  times = [time.monotonic() - t0]
   first.reader.join(timeout=10)
   killed = dict(lines=_metric_lines(two), checkpoints=_checkpoints(two),
+                code=first.returncode, at=first.stop_step,
                 output="".join(first.lines))
+  # 2. The same command resumes; SIGTERM from step PREEMPT_AT on.
+  second = _launch(two, 2, 4, stop_when=lambda step: step >= PREEMPT_AT)
+  _wait_for_stop(second, f"step {PREEMPT_AT}", ref)
+  second.send_signal(signal.SIGTERM)     # the launcher forwards it to both
+  preempted = dict(out=_finish(second), at=second.stop_step)
+  times.append(time.monotonic() - t0)
+  preempted.update(code=second.returncode, lines=_metric_lines(two),
+                   checkpoints=_checkpoints(two),
+                   results=(two / "results.json").exists())
   ref_out = _finish(ref)
   assert ref.returncode == 0, ref_out[-5000:]
-  resumed = _launch(two, 2, 4)
-  resumed_out = _finish(resumed)
-  assert resumed.returncode == 0, resumed_out[-5000:]
-  print(f"\n[multihost] 3 launches took {time.monotonic() - t0:.0f}s")
-  return dict(one=one, two=two, killed=killed, killed_code=killed_code,
+  times.append(time.monotonic() - t0)
+  # 3. Resumes from the preemption checkpoint and finishes.
+  third = _launch(two, 2, 4)
+  resumed_out = _finish(third)
+  assert third.returncode == 0, resumed_out[-5000:]
+  times.append(time.monotonic() - t0)
+  print("\n[multihost] 4 launches took {3:.0f}s: 2x4 SIGKILLed at {0:.0f}s, "
+        "resumed + SIGTERMed, out at {1:.0f}s; 1x8 (alongside) done at "
+        "{2:.0f}s; 2x4 resumed, done at {3:.0f}s".format(*times))
+  return dict(one=one, two=two, killed=killed, preempted=preempted,
               resumed_out=resumed_out, ref_out=ref_out)
 
 
@@ -211,15 +263,17 @@ def test_sigkilled_run_resumes_where_it_stopped(runs):
   # Only process 0 writes metrics.jsonl: one line per step.
   assert logged == list(range(1, len(logged) + 1)), logged
   # Killed mid-run: the launcher died by SIGKILL before the last step.
-  assert runs["killed_code"] == -signal.SIGKILL
+  assert killed["code"] == -signal.SIGKILL
   assert max(logged) < STEPS and STEPS not in killed["checkpoints"], killed
   assert CHECKPOINT_EVERY in killed["checkpoints"]
   resumed_from = max(s for s in killed["checkpoints"] if s <= max(logged))
-  assert f"resumed from step {resumed_from}" in runs["resumed_out"], (
-      runs["resumed_out"][-3000:])
+  preempted = runs["preempted"]
+  assert f"resumed from step {resumed_from}" in preempted["out"], (
+      preempted["out"][-3000:])
   assert 0 < resumed_from < STEPS
   # Steps after the checkpoint ran twice, before and after the kill, on the
-  # same topology: their metrics must agree exactly.
+  # same topology: their metrics must agree exactly. (The resumed run logs
+  # up to its SIGTERM step, the third launch the rest.)
   lines = _metric_lines(runs["two"])
   before = {r["step"]: r for r in lines[:len(killed["lines"])]}
   after = {r["step"]: r for r in lines[len(killed["lines"]):]}
@@ -229,40 +283,33 @@ def test_sigkilled_run_resumes_where_it_stopped(runs):
   assert twice, (before.keys(), after.keys())
   for s in twice:
     assert before[s] == after[s], (s, before[s], after[s])
-  print(f"\n[multihost] killed after step {max(logged)}, resumed from "
-        f"checkpoint {resumed_from}; steps {twice} re-ran with identical "
-        "metrics")
+  print(f"\n[multihost] killed after step {max(logged)} (checkpoint "
+        f"{CHECKPOINT_EVERY} committed by step {killed['at']}'s line), "
+        f"resumed from checkpoint {resumed_from}; steps {twice} re-ran with "
+        "identical metrics")
   assert _checkpoints(runs["two"])[-1] == STEPS
 
 
-PREEMPT_AT = 4      # between the periodic checkpoints 3 and 6
-
-
-def test_sigterm_on_two_processes_saves_one_step_and_resumes(runs, tmp_path):
+def test_sigterm_on_two_processes_saves_one_step_and_resumes(runs):
   """SIGTERM (a Spot/queued TPU reclaim, a SLURM time limit) reaches every
   process; JAX's preemption sync manager agrees on one step, every process
   saves it and exits 0, and the resumed run ends where the 1 x 8 one does."""
-  workdir = tmp_path / "preempted"
-  proc = _launch(workdir, 2, 4, watch_step=PREEMPT_AT)
-  if not proc.seen_kill_step.wait(TIMEOUT_S):
-    _kill_all(proc)
-    pytest.fail("never logged step %d:\n%s" % (PREEMPT_AT,
-                                              "".join(proc.lines)[-5000:]))
-  proc.send_signal(signal.SIGTERM)        # the launcher forwards it to both
-  out = _finish(proc)
-  assert proc.returncode == 0, out[-5000:]
+  pre = runs["preempted"]
+  out = pre["out"]
+  assert pre["code"] == 0, out[-5000:]
   line = next(x for x in out.splitlines() if "preempted (SIGTERM)" in x)
   saved = int(line.split("checkpoint of step ")[1].split()[0])
-  assert PREEMPT_AT <= saved < STEPS, line
-  assert saved in _checkpoints(workdir), _checkpoints(workdir)
-  assert not (workdir / "results.json").exists()
-  resumed = _launch(workdir, 2, 4)
-  resumed_out = _finish(resumed)
-  assert resumed.returncode == 0, resumed_out[-5000:]
+  assert PREEMPT_AT <= pre["at"] <= saved < STEPS, (pre["at"], line)
+  assert saved in pre["checkpoints"], pre["checkpoints"]
+  assert saved not in runs["killed"]["checkpoints"]   # this run saved it
+  # Nothing after the agreed step ran, and nothing was evaluated.
+  assert pre["lines"][-1]["step"] == saved, pre["lines"][-1]
+  assert not pre["results"]
+  resumed_out = runs["resumed_out"]
   assert f"resumed from step {saved}" in resumed_out, resumed_out[-3000:]
   ref = _state(runs["one"], STEPS)
-  got = _state(workdir, STEPS)
+  got = _state(runs["two"], STEPS)
   dp = _max_abs_diff(ref["params"], got["params"])
-  print(f"\n[multihost] SIGTERM after step {PREEMPT_AT}: saved step {saved}, "
+  print(f"\n[multihost] SIGTERM after step {pre['at']}: saved step {saved}, "
         f"resumed; final params vs 1x8 max abs diff {dp:.3g}")
   assert dp <= PARAM_TOL

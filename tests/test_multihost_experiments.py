@@ -102,12 +102,17 @@ def soft_injection_config():
 def first_global_batches():
   """Per config.data.shard_by: {'tokens': the first global training batch
   of the held-in mixture as `batches` + `run.put` place it (gathered),
-  'local': this process's rows}."""
+  'local': this process's rows}. A single process reads only 'rows' (the
+  reference; its 'examples' batch would be the same one, and is not
+  compared)."""
+  import jax  # noqa: PLC0415 (the launcher sets the devices first)
+
   from mtjax import distributed  # noqa: PLC0415 (after initialize)
   from mtjax.evaluation import evaluate  # noqa: PLC0415
   from mtjax.experiments import phatgoose as pg  # noqa: PLC0415
   run, out = pg.setup(phatgoose_config()), {}
-  for mode in ("rows", "examples"):
+  modes = ("rows", "examples") if jax.process_count() > 1 else ("rows",)
+  for mode in modes:
     r = dataclasses.replace(run, shard=distributed.data_shard(run.mesh, mode))
     host = next(pg.batches(r, "held_in", 5))["decoder_target_tokens"]
     placed = r.put({"t": host}, r.mesh)["t"]
