@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import phatgoose as phatgoose_config
 from mtjax import main
@@ -66,9 +67,12 @@ def _config():
   c.batch_size = 8
   c.base_steps = 0
   c.expert_steps = 10
-  c.gate_steps = 5
+  # No row here reads the gates (the toy router's logits are fixed, the fixed
+  # router's weights given), so the gate stage runs 0 steps: the library
+  # keeps its init gates.
+  c.gate_steps = 0
   c.multitask_steps = 10
-  c.eval.batch_size = 16
+  c.eval.batch_size = 32   # a task's 16 examples x 2 choices: one batch
   c.eval.max_examples = 16
   c.methods = (dict(name="toy_router", kind="test_first_expert", top_k=1),
                dict(name="toy_method", kind="test_output_bias",
@@ -77,33 +81,51 @@ def _config():
   return c
 
 
-def test_registered_router_and_method_run_in_the_phatgoose_experiment(
-    tmp_path):
-  config = _config()
-  out = main.run_job(config, str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+  """(output, workdir, Run) of the job run once for this module; the Run is
+  the one the job built (pg.setup, wrapped to keep it), so later checks use
+  the job's own base, mesh and config."""
+  workdir = tmp_path_factory.mktemp("phatgoose") / "run"
+  runs, setup = [], pg.setup
+
+  def keep(config):
+    runs.append(setup(config))
+    return runs[-1]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pg, "setup", keep)
+    out = main.run_job(_config(), str(workdir))
+  (run,) = runs
+  return out, workdir, run
+
+
+def test_registered_router_and_method_run_in_the_phatgoose_experiment(job):
+  out, workdir, run = job
   tasks = list(HELD_IN) + ["is_palindrome"]
   assert set(out["results"]) == {"toy_router", "toy_method", "base"}
   for row in out["results"].values():
     assert sorted(row) == sorted(tasks)
-  saved = json.loads((tmp_path / "run" / "phatgoose_results.json").read_text())
+  saved = json.loads((workdir / "phatgoose_results.json").read_text())
   assert set(saved["results"]) == set(out["results"])
 
   # The toy router's defining property: it is the fixed one-hot router on
-  # expert 0, so its metrics equal that router's on every task.
-  run = pg.setup(config)
+  # expert 0 (of the library the job saved), so its metrics, and which
+  # examples it gets right, equal that router's on every task.
   with sharding.use_mesh(run.mesh):
-    library = ex.load_library(str(tmp_path / "run" / "library"), list(HELD_IN))
-    run.stacked = ex.stack_library(library)
+    library = ex.load_library(str(workdir / "library"), list(HELD_IN))
+    stacked = ex.stack_library(library)
     fixed = routed.build_router("fixed", run.lora, top_k=1)
-    params = routed.routed_params(run.base, run.stacked, fixed,
+    params = routed.routed_params(run.base, stacked, fixed,
                                   weights=rb.one_hot(0, len(HELD_IN)))
     want = pg.evaluate_method(run, "fixed0", fixed, lambda t: params, tasks)
   assert out["results"]["toy_router"] == want
+  for t in tasks:
+    np.testing.assert_array_equal(run.correct["toy_router"][t],
+                                  run.correct["fixed0"][t])
 
 
-def test_registered_method_trains_only_its_own_leaves():
-  config = _config()
-  run = pg.setup(config)
+def test_registered_method_trains_only_its_own_leaves(job):
+  run = job[2]
   method = OutputBias(targets=(r".*DenseReluDense/wo",))
   with sharding.use_mesh(run.mesh):
     params, loss = pg.fit_method(run, method, run.base, jax.random.key(0),
