@@ -7,11 +7,12 @@ inherits this process's environment. The quickstart runs on conftest.py's 8
 fake CPU devices (its mesh and sharded train step, as on a Colab TPU); the
 others on one device, which compiles faster.
 """
-import os
 import pathlib
 import time
 
 import pytest
+
+from job_env import job_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -52,11 +53,8 @@ def test_stored_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_runs_end_to_end(path, tmp_path, monkeypatch):
   monkeypatch.setenv("MTJAX_NOTEBOOK_QUICK", "1")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append("--xla_force_host_platform_device_count="
-               f"{DEVICES.get(path.stem, 1)}")
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+  monkeypatch.setenv("XLA_FLAGS",
+                     job_env(DEVICES.get(path.stem, 1))["XLA_FLAGS"])
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
       nb, timeout=600, kernel_name="python3",
