@@ -30,10 +30,31 @@ Rows (experiments.phatgoose.merge_step):
 Learned merges: `merge_steps` steps of batch 8 (cpu: 20, full: 200), lr
 1e-2. cpu: held-out tasks only (as the PHATGOOSE cpu rows); full: every row
 on every task, plus the PHATGOOSE and oracle rows.
+
+words (CPU, trains its own library): the merging benchmarks' protocol --
+merge the experts, score the merge on the experts' own tasks -- on the Soft
+Injection paper's word-choice tasks (mtjax.data.tasks.WORD_CHOICE: 'Which
+word comes first in the list?  Words: jar, white, gray', rank
+classification over the listed words, chance 1/3). The held-in tasks share
+one input format and differ only in the rule, so experts conflict and a
+merge has to keep each rule reachable from its instruction; two held-out
+rules (middle of the list, fruit) are scored too. 5 experts (LoRA r16 on
+q/v, 60 steps of batch 8 on each task's train file), every row on the test
+files' first 50 examples of every task (static merges first); AdaMerging
+adapts on the unlabeled prompts of every scored task (its paper's
+test-time setting). Short prompts (48 + 8 tokens) keep it a CPU run:
+
+  python -m mtjax.main --config=configs/merging_smollm2.py:words \
+      --workdir=workdirs/merging_smollm2_words
 """
 from configs import phatgoose_smollm2
 
-VARIANTS = phatgoose_smollm2.VARIANTS
+VARIANTS = phatgoose_smollm2.VARIANTS + ("words",)
+
+WORDS_HELD_IN = ("si_choose_first_of_3", "si_choose_last_of_3",
+                 "si_alphabetically_first_3", "si_animal_v_object_3",
+                 "si_verb_v_adjective_3")
+WORDS_HELD_OUT = ("si_choose_middle_of_3", "si_fruit_v_animal_3")
 
 MERGES = (
     dict(name="task_arithmetic", kind="merge",
@@ -49,7 +70,31 @@ MERGES = (
 )
 
 
+def words_config():
+  """The 'words' variant (module docstring)."""
+  c = phatgoose_smollm2.get_config("cpu")
+  c.held_in, c.held_out = WORDS_HELD_IN, WORDS_HELD_OUT
+  c.templates = 1
+  c.train_split, c.held_in_split, c.eval.split = "train", "test", "test"
+  c.data.inputs_length, c.data.targets_length = 48, 8
+  c.expert_steps, c.gate_steps, c.merge_steps = 60, 10, 30
+  c.eval.max_examples, c.eval.batch_size = 50, 32
+  merges = tuple(dict(m, data="eval_prompts") if m["name"] == "adamerging"
+                 else m for m in MERGES)
+  rows = {e["name"]: e for e in merges + tuple(dict(name=n) for n in (
+      "base", "oracle", "merged", "phatgoose"))}
+  c.methods = tuple(rows[n] for n in (
+      "base", "oracle", "merged", "task_arithmetic", "ties", "dare_ties",
+      "phatgoose", "adamerging", "self_positioning", "atlas", "scalearn"))
+  c.held_in_rows = None
+  c.require_library = False
+  c.library_dir = ""
+  return c
+
+
 def get_config(variant="cpu"):
+  if variant == "words":
+    return words_config()
   c = phatgoose_smollm2.get_config(variant)
   full = variant == "full"
   c.methods = MERGES + (dict(name="merged"),) + (

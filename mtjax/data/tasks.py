@@ -132,7 +132,30 @@ def read_hellaswag(path, on_bad_row="error", skipped=None):
   return rows
 
 
-READERS = {"jsonl": read_jsonl, "tsv": read_tsv, "hellaswag": read_hellaswag}
+def read_json_list(path, on_bad_row="error", skipped=None):
+  """[(item number, row dict)] from a file holding one JSON list of objects
+  (the Soft Injection task files); items are numbered from 1."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      items = json.load(f)
+    except json.JSONDecodeError as e:
+      raise BadRowError(f"{path}:{e.lineno}: malformed JSON: {e.msg}; the "
+                        "file must hold one list of objects") from e
+  if not isinstance(items, list):
+    raise BadRowError(f"{path}: expected a JSON list of objects, got "
+                      f"{type(items).__name__}")
+  rows = []
+  for n, row in enumerate(items, start=1):
+    if not isinstance(row, dict):
+      _bad(path, n, f"malformed item: expected an object, got "
+           f"{type(row).__name__}", on_bad_row, skipped)
+      continue
+    rows.append((n, row))
+  return rows
+
+
+READERS = {"jsonl": read_jsonl, "tsv": read_tsv, "hellaswag": read_hellaswag,
+           "json_list": read_json_list}
 
 
 # ------------------------------------------ row adapters (file -> HF fields)
@@ -277,6 +300,43 @@ def _plain_superglue_row(name):
                   f"\"*{row['span1_text']}*\"?\nAnswer:",
                   answer_choices=["no", "yes"], label=row["label"])
     raise KeyError(name)
+  return adapt
+
+
+# The Soft Injection paper's "pick one of the listed words" tasks (inputs
+# 'w1, w2, w3'), as rank classification over the listed words with an
+# instruction naming the rule: short prompts whose tasks share one input
+# format and differ only in the rule, so a merged model must read the
+# instruction (what merging experiments measure). The instructions are ours.
+WORD_CHOICE = {
+    "choose_first_of": "Which word comes first in the list?",
+    "choose_middle_of": "Which word is in the middle of the list?",
+    "choose_last_of": "Which word comes last in the list?",
+    "alphabetically_first": "Which word comes first in alphabetical order?",
+    "alphabetically_last": "Which word comes last in alphabetical order?",
+    "animal_v_object": "Which word names an animal?",
+    "color_v_animal": "Which word names a colour?",
+    "fruit_v_animal": "Which word names a fruit?",
+    "object_v_concept": "Which word names a physical object?",
+    "concept_v_object": "Which word names an abstract concept?",
+    "verb_v_adjective": "Which word is a verb?",
+    "adjective_v_verb": "Which word is an adjective?",
+}
+
+
+def word_choice_task(folder_name: str) -> Optional[str]:
+  """The WORD_CHOICE rule of a Soft Injection task folder ('choose_first_of_3'
+  -> 'choose_first_of'), or None for the tasks that are not word choices."""
+  rule, _, n = folder_name.rpartition("_")
+  return rule if rule in WORD_CHOICE and n in ("3", "5") else None
+
+
+def _word_choice_row(rule):
+  def adapt(row):
+    words = [w.strip() for w in str(row["input"]).split(",")]
+    return dict(inputs=f"{WORD_CHOICE[rule]}\nWords: {', '.join(words)}"
+                "\nAnswer:", answer_choices=words,
+                label=words.index(str(row["output"]).strip()))
   return adapt
 
 
@@ -699,6 +759,15 @@ def _specs(data_dir: pathlib.Path) -> List[_Spec]:
                        _mc_row(name), frozenset(mc_fields[name]),
                        ps / folder / "templates.yaml" if folder else None,
                        None if name == "winogrande" else _plain_mc_row(name)))
+  si = data_dir / "soft_injection_tasks"
+  for folder in sorted(si.iterdir()) if si.is_dir() else ():
+    rule = word_choice_task(folder.name)
+    files = tuple((s, str(folder / f"{f}.json")) for s, f in
+                  (("train", "train"), ("validation", "valid"),
+                   ("test", "test")) if (folder / f"{f}.json").exists())
+    if rule and files:
+      out.append(_Spec(f"si_{folder.name}", files, "json_list", dict,
+                       frozenset(), None, _word_choice_row(rule)))
   return out
 
 

@@ -770,6 +770,9 @@ def unlabeled_prompt_batches(run: Run, tasks: list, seed: int):
     yield batch
 
 
+MERGE_DATA = ("held_out_prompts", "eval_prompts", "held_in")
+
+
 @STEPS.register("merge")
 def merge_step(run: Run, entry: dict) -> dict:
   """A merge of the library's experts (mtjax.merging.MERGES), evaluated as
@@ -780,7 +783,9 @@ def merge_step(run: Run, entry: dict) -> dict:
   'steps', 'lr', 'data'}. Static merges are computed once. Learned merges
   are fitted with the one fit loop for `steps` steps on 'data':
   'held_out_prompts' (unlabeled prompts of the held-out tasks: AdaMerging's
-  test-time adaptation) or 'held_in' (the held-in mixture: aTLAS, Self
+  test-time adaptation), 'eval_prompts' (unlabeled prompts of every task the
+  row is scored on: the paper's protocol when the merged tasks are
+  evaluated too) or 'held_in' (the held-in mixture: aTLAS, Self
   Positioning, ScaLearn with the experts' own training data, so held-out
   tasks stay zero-shot).
   """
@@ -804,9 +809,10 @@ def merge_step(run: Run, entry: dict) -> dict:
       merge = merging.MERGES.build(spec, task_vectors=tvs)
     source = entry.get("data", "held_out_prompts" if name == "adamerging"
                        else "held_in")
-    it = (unlabeled_prompt_batches(run, run.held_out, cfg.seed + 13)
-          if source == "held_out_prompts"
-          else batches(run, "held_in", cfg.seed + 14))
+    prompts = {"held_out_prompts": run.held_out,
+               "eval_prompts": run.eval_tasks(entry["name"])}
+    it = (unlabeled_prompt_batches(run, prompts[source], cfg.seed + 13)
+          if source in prompts else batches(run, "held_in", cfg.seed + 14))
     steps = entry.get("steps", cfg.get("merge_steps", 20))
     lr = entry.get("lr", 1e-2)
     # dropout=True hands the step an rng: ScaLearn drops scales in training.
@@ -814,8 +820,7 @@ def merge_step(run: Run, entry: dict) -> dict:
                         seed=cfg.seed, dropout=name == "scalearn")
     fitted, loss = fit_method(
         run, merge, run.base, run.rng, lr, steps, it, fitter=fitter,
-        put=(trainer.put_global_batch if source == "held_out_prompts"
-             else run.put))
+        put=trainer.put_global_batch if source in prompts else run.put)
     run.trained[f"merge {entry['name']}"] = (merge, fitted)
     params = merge.merge(run.model, fitted)
     run.log(f"{entry['name']}: {name} fitted {steps} steps on {source}, "
@@ -850,6 +855,9 @@ def method_step(run: Run, entry: dict) -> dict:
 def step_for(entry: dict) -> Callable:
   """The function that runs an entry (see module docstring)."""
   kind = entry.get("kind", entry["name"])
+  if kind == "merge" and entry.get("data", "held_in") not in MERGE_DATA:
+    raise ValueError(f"merge row {entry['name']!r}: data={entry['data']!r}; "
+                     f"use one of {MERGE_DATA}")
   if kind in STEPS:
     return STEPS.get(kind)
   if kind in routing.ROUTERS:

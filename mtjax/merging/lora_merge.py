@@ -111,6 +111,13 @@ def check_experts(experts: Sequence[Any], *,
   there is at least one, that all target the same modules with the same
   shapes, that none is a stacked library, and that all come from one base
   (fingerprints; `base` params or fingerprint, when given, must match)."""
+  experts, shapes, _ = _checked(experts, base)
+  return experts, shapes
+
+
+def _checked(experts: Sequence[Any], base: Union[dict, str, None]) -> tuple:
+  """check_experts, also returning each expert's modules() (computed once:
+  flattening 100 experts' trees twice costs more than merging them)."""
   if not isinstance(experts, (list, tuple)):
     raise ValueError("pass the LoRA experts as a list")
   if not experts:
@@ -125,23 +132,23 @@ def check_experts(experts: Sequence[Any], *,
     fps.append(base if isinstance(base, str) else adapters.fingerprint(base))
   static.check_same_base(fps, "LoRA experts (the last is the given base)"
                          if base is not None else "LoRA experts")
-  mods0 = experts[0].modules()
+  mods = [e.modules() for e in experts]
+  mods0 = mods[0]
   shapes = {}
   for p, (a, b) in mods0.items():
     if np.ndim(a) != 2:
       raise ValueError(f"expert 0 is a stacked library ({np.shape(a)} at {p}); "
                        "pass single adapters (one LoRAExpert per expert)")
     shapes[p] = (np.shape(a)[0], np.shape(b)[1])
-  for i, e in enumerate(experts[1:], 1):
-    mods = e.modules()
-    if set(mods) != set(mods0):
-      only0 = sorted(set(mods0) - set(mods))[:3]
-      only_i = sorted(set(mods) - set(mods0))[:3]
+  for i, mods_i in enumerate(mods[1:], 1):
+    if set(mods_i) != set(mods0):
+      only0 = sorted(set(mods0) - set(mods_i))[:3]
+      only_i = sorted(set(mods_i) - set(mods0))[:3]
       raise ValueError(
           f"LoRA experts 0 and {i} target different modules (only in 0: "
           f"{only0}, only in {i}: {only_i}); merge experts trained with the "
           "same targets")
-    for p, (a, b) in mods.items():
+    for p, (a, b) in mods_i.items():
       if np.ndim(a) != 2:
         raise ValueError(f"expert {i} is a stacked library; pass single "
                          "adapters")
@@ -149,7 +156,7 @@ def check_experts(experts: Sequence[Any], *,
         raise ValueError(f"LoRA experts 0 and {i} differ in shape at {p}: "
                          f"{shapes[p]} vs {(np.shape(a)[0], np.shape(b)[1])} "
                          "(in, out); merge experts of the same base model")
-  return experts, shapes
+  return experts, shapes, mods
 
 
 def lora_delta(method: lora_lib.LoRA, params: dict) -> dict:
@@ -242,7 +249,7 @@ def merge_lora(experts: Sequence[Any],
     raise ValueError("merge_lora trims each module's update on its own: "
                      "trim='global' would need every module's update at once; "
                      "use trim='tensor' (PEFT's choice)")
-  experts, shapes = check_experts(experts, base=base)
+  experts, shapes, mods = _checked(experts, base)
   w = static.check_weights(weights, len(experts))
   if merge.uses_rng and getattr(merge, "density", 1.0) < 1 and rng is None:
     raise ValueError(f"{type(merge).__name__} drops entries at random: pass "
@@ -260,7 +267,6 @@ def merge_lora(experts: Sequence[Any],
   rank = int(rank or max(ranks))
   if rank < 1:
     raise ValueError(f"rank must be >= 1, got {rank}")
-  mods = [e.modules() for e in experts]
   top = max(ranks)
   flat = {}
   for m, path in enumerate(sorted(shapes)):
