@@ -1,5 +1,6 @@
 """Real evaluation material in shared/data: promptsource files, XCOPA,
 SuperGLUE and multiple-choice sets rendered through their templates."""
+import collections
 import json
 
 import pytest
@@ -123,3 +124,45 @@ def test_real_tasks_in_seqio(shared_data):
     assert len(rows) == 4
     for r in rows:
       assert vocab.decode(r["choice_ids"][r["label"]]) == r["targets"]
+
+
+def test_word_choice_tasks_render_every_row(shared_data):
+  """The Soft Injection word-choice folders become si_* rank-classification
+  tasks: every row of every split lists its target among its choices, and
+  the instruction names the task's rule."""
+  real = tasks.real_tasks(shared_data)
+  si = sorted(k for k in real if k.startswith("si_"))
+  assert len(si) == 2 * len(tasks.WORD_CHOICE)   # lists of 3 and of 5 words
+  for dataset in si:
+    (task,) = real[dataset]
+    rule = tasks.word_choice_task(dataset[len("si_"):])
+    n = int(dataset.rsplit("_", 1)[1])
+    sizes = {}
+    for split in ("train", "validation", "test"):
+      rows, skipped = tasks.render(task, split)
+      assert not skipped, (dataset, split, skipped)
+      sizes[split] = len(rows)
+      for row in rows:
+        assert row["inputs"].startswith(tasks.WORD_CHOICE[rule] + "\nWords: ")
+        assert len(row["answer_choices"]) == n
+        assert row["answer_choices"][row["label"]] == row["targets"]
+    assert sizes == {"train": 700, "validation": 90, "test": 210}, dataset
+  assert tasks.word_choice_task("antonym") is None
+  assert tasks.word_choice_task("choose_first_of_4") is None
+
+
+def test_json_list_reader_names_bad_files(tmp_path):
+  good = tmp_path / "good.json"
+  good.write_text('[{"input": "a, b", "output": "a"}, 3]')
+  with pytest.raises(tasks.BadRowError, match=r"good.json:2: malformed item"):
+    tasks.read_json_list(good)
+  skipped = collections.Counter()
+  assert tasks.read_json_list(good, "skip", skipped) == [
+      (1, {"input": "a, b", "output": "a"})]
+  assert sum(skipped.values()) == 1
+  (tmp_path / "obj.json").write_text('{"input": "a"}')
+  with pytest.raises(tasks.BadRowError, match="expected a JSON list"):
+    tasks.read_json_list(tmp_path / "obj.json")
+  (tmp_path / "broken.json").write_text('[{"input": ')
+  with pytest.raises(tasks.BadRowError, match="broken.json:1: malformed JSON"):
+    tasks.read_json_list(tmp_path / "broken.json")

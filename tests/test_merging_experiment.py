@@ -131,3 +131,26 @@ def test_merging_config_only_reuses_a_library(tmp_path):
     pg.run(cfg, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   assert [e["kind"] for e in cfg.methods[:7]] == ["merge"] * 7
+
+
+def test_merge_data_is_checked_before_anything_trains():
+  with pytest.raises(ValueError, match=r"data='held_out'; use one of"):
+    pg.step_for({"name": "ada", "kind": "merge", "merge": {"name": "ada"},
+                 "data": "held_out"})
+  for data in pg.MERGE_DATA:
+    assert pg.step_for({"name": "ada", "kind": "merge", "data": data})
+
+
+def test_words_variant_scores_every_row_on_its_experts_tasks():
+  """configs/merging_smollm2.py:words is the merging benchmarks' protocol:
+  it trains its own experts on the held-in word-choice tasks, and every row
+  (base, the per-task experts, merges, PHATGOOSE) is scored on them."""
+  cfg = merging_smollm2.get_config("words")
+  assert cfg.held_in_rows is None and not cfg.require_library
+  assert all(t.startswith("si_") for t in cfg.held_in + cfg.held_out)
+  rows = {e["name"]: e for e in cfg.methods}
+  assert {"base", "oracle", "merged", "phatgoose"} <= set(rows)
+  assert {m["name"] for m in merging_smollm2.MERGES} <= set(rows)
+  assert rows["adamerging"]["data"] == "eval_prompts"
+  for entry in cfg.methods:
+    pg.step_for(entry)
