@@ -6,6 +6,7 @@ the first start_step batches (`Dataset.skip`) reproduces the uninterrupted
 order exactly, at the cost of re-running their preprocessing once. This needs
 no iterator state in checkpoints; the step number is enough.
 """
+import collections
 import re
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -305,13 +306,43 @@ def _task(task: str, vocab) -> seqio.Task:
   return provider
 
 
+# Tokenized evaluation rows and task kinds, per registered seqio.Task object
+# (a re-registered task is a new object, so a stale entry is never read).
+# Building them goes through tf.data (~0.5 s a call); an experiment asks for
+# the same rows many times (every row of its table, the routing records).
+_EVAL_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_EVAL_CACHE_SIZE = 512
+
+
+def _cached(key: tuple, t: seqio.Task, build):
+  hit = _EVAL_CACHE.get(key)
+  if hit is not None and hit[0] is t:
+    _EVAL_CACHE.move_to_end(key)
+    return hit[1]
+  value = build()
+  _EVAL_CACHE[key] = (t, value)
+  while len(_EVAL_CACHE) > _EVAL_CACHE_SIZE:
+    _EVAL_CACHE.popitem(last=False)
+  return value
+
+
 def eval_examples(task: str, vocab, split: str = "validation",
                   max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
-  """Rows of a task's split, in file order, with text and token ids."""
+  """Rows of a task's split, in file order, with text and token ids.
+
+  Cached per task, split and max_examples; each call returns fresh row
+  dicts (their lists are shared: read, do not modify them)."""
   t = _task(task, vocab)
-  vocab = t.output_features["targets"].vocabulary
   if split not in t.splits:
     raise KeyError(f"task {t.name} has splits {list(t.splits)}, not {split!r}")
+  rows = _cached((id(t), "rows", split, max_examples), t,
+                 lambda: _read_eval_examples(t, split, max_examples))
+  return [dict(r) for r in rows]
+
+
+def _read_eval_examples(t: seqio.Task, split: str,
+                        max_examples: Optional[int]) -> List[Dict[str, Any]]:
+  vocab = t.output_features["targets"].vocabulary
   ds = t.get_dataset(sequence_length=None, split=split, shuffle=False,
                      num_epochs=1)
   if max_examples is not None:
@@ -368,6 +399,10 @@ def metric_fns(task: str, vocab=None):
 def task_kind(task: str, vocab=None) -> str:
   """'rank_classification' if the task's rows carry answer_choices."""
   t = _task(task, vocab)
+  return _cached((id(t), "kind"), t, lambda: _read_task_kind(t))
+
+
+def _read_task_kind(t: seqio.Task) -> str:
   split = "validation" if "validation" in t.splits else list(t.splits)[0]
   ds = t.get_dataset(sequence_length=None, split=split, shuffle=False)
   for ex in ds.take(1).as_numpy_iterator():
