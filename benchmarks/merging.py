@@ -1,7 +1,7 @@
 r"""TIES over many LoRA experts: mtjax.merging vs PEFT's add_weighted_adapter.
 
   python benchmarks/merging.py [--experts 100] [--quick] [--density 0.2]
-                               [--threads N]
+                               [--threads N] [--kinds ties,ties_svd]
 
 SmolLM2-135M-shaped model (config read from
 ../shared/data/models/smollm2_135m_instruct/*.gguf when present: 30 layers,
@@ -229,12 +229,17 @@ def main():
                       help="BLAS/LAPACK and torch threads in both children "
                       "(default: the libraries' own, torch: all cores); 1 "
                       "avoids thread contention on a busy machine")
+  parser.add_argument("--kinds", default="ties,ties_svd",
+                      help="comma-separated merges to time (ties, ties_svd)")
   parser.add_argument("--child", nargs=2, metavar=("LIB", "KIND"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--folder", help=argparse.SUPPRESS)
   parser.add_argument("--npz", help=argparse.SUPPRESS)
   args = parser.parse_args()
   num = 8 if args.quick else args.experts
+  kinds = [k for k in args.kinds.split(",") if k]
+  if not kinds or set(kinds) - {"ties", "ties_svd"}:
+    raise SystemExit(f"--kinds={args.kinds!r}: use ties and/or ties_svd")
   cfg, source = hf_config()
   if args.child:
     lib, kind = args.child
@@ -254,7 +259,7 @@ def main():
     print(f"wrote {num} PEFT adapters ({modules} modules each) in "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     rows, diffs = {}, {}
-    for kind in ("ties", "ties_svd"):
+    for kind in kinds:
       for lib in ("mtjax", "PEFT"):
         npz = os.path.join(tmp, f"{lib}_{kind}.npz")
         rows[lib, kind] = _child(
@@ -272,7 +277,7 @@ def main():
         "memory in MB")
   print(f"{'merge':9s}{'library':8s}{'time':>9s}{'(warm)':>9s}{'setup':>8s}"
         f"{'merge +':>9s}{'(warm)':>8s}{'peak':>8s}")
-  for kind in ("ties", "ties_svd"):
+  for kind in kinds:
     for lib in ("mtjax", "PEFT"):
       r = rows[lib, kind]
       warm = "" if r["warm"] is None else f"({r['warm']:.2f})"
@@ -283,7 +288,7 @@ def main():
   print("\nPEFT / mtjax ratios (> 1: mtjax faster / smaller; first call, "
         "then warm)")
   ratio = lambda a, b: "n/a" if not (a and b) else f"{a / b:.2f}x"
-  for kind in ("ties", "ties_svd"):
+  for kind in kinds:
     m, p = rows["mtjax", kind], rows["PEFT", kind]
     print(f"  {kind:9s} time {ratio(p['seconds'], m['seconds'])} / "
           f"{ratio(p['seconds'], m['warm'])}, merge memory "

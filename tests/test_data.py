@@ -44,6 +44,8 @@ def test_suite_deterministic_groups_and_lengths():
     assert a == b
     assert suite.examples(name, "train", seed=1) != a
     train = {ex["inputs"] for ex in a}
+    for split in suite.SPLIT_SIZES:   # register's mixing rates read these
+      assert suite.num_examples(name, split) == len(suite.examples(name, split))
     for split in ("validation", "test"):
       rows = suite.examples(name, split)
       assert len(rows) == suite.SPLIT_SIZES[split]

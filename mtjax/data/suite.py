@@ -187,6 +187,15 @@ def _examples(task: str, seed: int):
   return out
 
 
+def num_examples(task: str, split: str, seed: int = 0) -> int:
+  """len(examples(task, split, seed)); train's without generating it (train
+  never skips a row, so it always has SPLIT_SIZES['train'])."""
+  _check_task(task)
+  if split == "train":
+    return SPLIT_SIZES["train"]
+  return len(_examples(task, seed)[split])
+
+
 def examples(task: str, split: str, seed: int = 0,
              max_examples: Optional[int] = None) -> List[dict]:
   """A fresh list of the split's examples (same seed -> same examples)."""

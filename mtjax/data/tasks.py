@@ -538,11 +538,14 @@ class InMemorySource(seqio.FunctionDataSource):
   FunctionDataSource's warning about file-level shuffling does not apply.
   """
 
-  def __init__(self, rows_fn, splits):
+  def __init__(self, rows_fn, splits, num_rows_fn=None):
     super().__init__(examples_dataset(rows_fn), splits=splits)
     self._rows_fn = rows_fn
+    self._num_rows_fn = num_rows_fn
 
   def num_rows(self, split: str) -> int:
+    if self._num_rows_fn is not None:
+      return self._num_rows_fn(split)
     return len(self._rows_fn(split))
 
   def get_dataset(self, split="train", shuffle=True, seed=None,
@@ -872,8 +875,10 @@ def register(vocab, data_dir=None, cap: int = 3000):
   data_dir = pathlib.Path(data_dir) if data_dir else default_data_dir()
   names = {}
   for plain in suite.TASKS:
+    # Sizes without generating the rows: mixing rates need only train's.
     source = InMemorySource(functools.partial(_suite_rows, plain),
-                            list(suite.SPLIT_SIZES))
+                            list(suite.SPLIT_SIZES),
+                            functools.partial(suite.num_examples, plain))
     names[plain] = seqio_name(vocab, plain)
     add_task(names[plain], plain, source, vocab)
   real = {}
