@@ -82,10 +82,11 @@ def words_config():
   merges = tuple(dict(m, data="eval_prompts") if m["name"] == "adamerging"
                  else m for m in MERGES)
   rows = {e["name"]: e for e in merges + tuple(dict(name=n) for n in (
-      "base", "oracle", "merged", "phatgoose"))}
+      "base", "oracle", "merged", "phatgoose", "arrow", "uniform"))}
   c.methods = tuple(rows[n] for n in (
       "base", "oracle", "merged", "task_arithmetic", "ties", "dare_ties",
-      "phatgoose", "adamerging", "self_positioning", "atlas", "scalearn"))
+      "phatgoose", "adamerging", "self_positioning", "atlas", "scalearn",
+      "arrow", "uniform"))
   c.held_in_rows = None
   c.require_library = False
   c.library_dir = ""

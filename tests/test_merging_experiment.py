@@ -149,7 +149,8 @@ def test_words_variant_scores_every_row_on_its_experts_tasks():
   assert cfg.held_in_rows is None and not cfg.require_library
   assert all(t.startswith("si_") for t in cfg.held_in + cfg.held_out)
   rows = {e["name"]: e for e in cfg.methods}
-  assert {"base", "oracle", "merged", "phatgoose"} <= set(rows)
+  assert {"base", "oracle", "merged", "phatgoose", "arrow", "uniform"} <= set(
+      rows)
   assert {m["name"] for m in merging_smollm2.MERGES} <= set(rows)
   assert rows["adamerging"]["data"] == "eval_prompts"
   for entry in cfg.methods:

@@ -1,7 +1,10 @@
 """Markdown table + paired differences from PHATGOOSE / merging results JSONs.
 
   python docs/data/phatgoose_table.py RESULTS.json [MORE.json ...] \
-      [--baseline=phatgoose] [--baseline=merged]
+      [--baseline=phatgoose] [--baseline=merged] [--mean=held_in]
+
+--mean: the columns and mean of the held-out datasets (default) or of the
+held-in ones (the experts' own tasks: the merging benchmarks' protocol).
 
 Several files (e.g. the PHATGOOSE rows and the merging rows of one expert
 library) are combined row by row; they must hold the same held-out tasks
@@ -15,15 +18,20 @@ import numpy as np
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 baselines = [a.split("=", 1)[1] for a in sys.argv[1:]
              if a.startswith("--baseline=")] or ["phatgoose"]
+mean = next((a.split("=", 1)[1] for a in sys.argv[1:]
+             if a.startswith("--mean=")), "held_out")
+if mean not in ("held_in", "held_out"):
+  sys.exit(f"--mean={mean}: use held_in or held_out")
 outs = [json.load(open(p)) for p in args]
 first = outs[0]
-groups = {d: ts for d, ts in first["groups"].items() if d not in first["experts"]}
+groups = {d: ts for d, ts in first["groups"].items()
+          if (d in first["experts"]) == (mean == "held_in")}
 scores, correct = {}, {}
 for path, out in zip(args, outs):
   if out["groups"] != first["groups"] or out["experts"] != first["experts"]:
     sys.exit(f"{path}: other tasks or experts than {args[0]}; not comparable")
   for r, s in out["scores"].items():
-    if s.get("held_out") and r not in scores:
+    if s.get(mean) and r not in scores:
       scores[r], correct[r] = s, out["correct"][r]
 rows = list(scores)
 ref = rows[0]
@@ -33,12 +41,12 @@ for r in rows:
       sys.exit(f"row {r}: {len(correct[r][t])} examples of {t}, "
                f"{ref} has {len(correct[ref][t])}; not comparable")
 cols = list(groups)
-print("| row | " + " | ".join(cols) + " | held-out mean |")
+print("| row | " + " | ".join(cols) + f" | {mean} mean |")
 print("|---|" + "---|" * (len(cols) + 1))
 for r in rows:
   s = scores[r]
   cells = [f"{s[c][0]:.3f} [{s[c][1]:.2f}, {s[c][2]:.2f}]" for c in cols]
-  m = s["held_out"]
+  m = s[mean]
   print(f"| {r} | " + " | ".join(cells)
         + f" | **{m[0]:.3f}** [{m[1]:.3f}, {m[2]:.3f}] |")
 n_ex = {t: len(correct[ref][t]) for ts in groups.values() for t in ts}
@@ -46,7 +54,7 @@ print("\nexamples per template:", sorted(set(n_ex.values())), "tasks:", len(n_ex
 
 
 def paired(a, b, resamples=2000, seed=0):
-  """Held-out mean of a minus b, both on the same resampled examples."""
+  """The mean over `groups` of a minus b, on the same resampled examples."""
   rng = np.random.default_rng(seed)
   boot, point = [], []
   for ts in groups.values():
@@ -68,7 +76,7 @@ def paired(a, b, resamples=2000, seed=0):
 for base in baselines:
   if base not in rows:
     continue
-  print(f"\npaired held-out mean differences, X - {base} "
+  print(f"\npaired {mean} mean differences, X - {base} "
         "(95% paired bootstrap):")
   for r in rows:
     if r != base:

@@ -391,10 +391,11 @@ def magnitude_trim(stacked: Sequence[jax.Array], density: float,
   if density >= 1:
     return list(stacked)
   if trim == "tensor":
-    masks = [_top_k_masks_rows(x, int(density * (x.size // x.shape[0])))
-             if x.size // x.shape[0] <= _TOP_K_MAX else
-             _top_k_masks([x], int(density * (x.size // x.shape[0])))[0]
-             for x in stacked]
+    masks = []
+    for x in stacked:
+      n = x.size // x.shape[0]
+      masks.append(_top_k_masks_rows(x, int(density * n)) if n <= _TOP_K_MAX
+                   else _top_k_masks([x], int(density * n))[0])
   else:
     total = sum(x.size // x.shape[0] for x in stacked)
     masks = _top_k_masks(stacked, int(density * total))
