@@ -563,15 +563,3 @@ def test_learned_merge_bad_inputs():
           "magnitude_prune"} <= set(static.MERGES.names())
   assert learned.AdaMerging.trainable == r"merge/.*"
 
-
-def test_both_top_k_paths_keep_the_first_of_equal_magnitudes():
-  """Small tensors are trimmed with lax.top_k, large ones by bisection: both
-  keep exactly k entries and break ties at the k-th magnitude by index."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.choice([-2.0, -1.0, 1.0, 3.0], size=(3, 7, 5)),
-                  jnp.float32)
-  for k in (1, 6, 17, 35):
-    rows = static._top_k_masks_rows(x, k)
-    bisect = static._top_k_masks([x], k)[0]
-    np.testing.assert_array_equal(rows, bisect)
-    np.testing.assert_array_equal(rows.reshape(3, -1).sum(1), [k] * 3)

@@ -38,10 +38,8 @@ moving from PEFT gets the same merge:
     the elected one by their count (at least 1).
 `trim='tensor'` (default, PEFT's) trims each tensor of a task vector on its
 own; `trim='global'` ranks all entries of a task vector together, as the
-TIES paper does. Small tensors (LoRA factors) are trimmed with lax.top_k;
-for large ones and for 'global', the k-th largest magnitude is found by
-bisection on the float bit patterns (exact, linear passes; about 3x faster
-than sorting on CPU).
+TIES paper does. The k-th largest magnitude is found by bisection on the
+float bit patterns (exact; about 3x faster than sorting on CPU).
 
 Merges are registered by name in `MERGES` with their options, so a config
 lists them like routers:
@@ -360,25 +358,6 @@ def _top_k_masks(xs: Sequence[jax.Array], k: int) -> list:
   return [m.reshape(x.shape) for m, x in zip(masks, xs, strict=True)]
 
 
-# Up to this many entries per task, lax.top_k (a partial sort) finds a leaf's
-# mask: it compiles ~4x faster than the bisection and runs as fast (LoRA
-# factors, measured in benchmarks/merging.py); above, the bisection's linear
-# passes beat sorting.
-_TOP_K_MAX = 2**16
-
-
-def _top_k_masks_rows(x: jax.Array, k: int) -> jax.Array:
-  """Mask keeping exactly the k largest |entries| of each task of x (T, ...);
-  ties at the k-th magnitude go to the first indices (as _top_k_masks)."""
-  t = x.shape[0]
-  flat = jnp.abs(x.reshape(t, -1))
-  if k <= 0:
-    return jnp.zeros(x.shape, bool)
-  _, idx = jax.lax.top_k(flat, k)   # stable: equal values by index
-  mask = jnp.zeros(flat.shape, bool).at[jnp.arange(t)[:, None], idx].set(True)
-  return mask.reshape(x.shape)
-
-
 def magnitude_trim(stacked: Sequence[jax.Array], density: float,
                    trim: str = "tensor") -> list:
   """Each task's top-`density` magnitudes kept, the rest zeroed.
@@ -391,11 +370,8 @@ def magnitude_trim(stacked: Sequence[jax.Array], density: float,
   if density >= 1:
     return list(stacked)
   if trim == "tensor":
-    masks = []
-    for x in stacked:
-      n = x.size // x.shape[0]
-      masks.append(_top_k_masks_rows(x, int(density * n)) if n <= _TOP_K_MAX
-                   else _top_k_masks([x], int(density * n))[0])
+    masks = [_top_k_masks([x], int(density * (x.size // x.shape[0])))[0]
+             for x in stacked]
   else:
     total = sum(x.size // x.shape[0] for x in stacked)
     masks = _top_k_masks(stacked, int(density * total))
