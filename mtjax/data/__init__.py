@@ -170,6 +170,11 @@ def metric_fns(task: str, vocab=None):
   return pipeline.metric_fns(task, vocab)
 
 
+def answer_match(task: str, vocab=None):
+  """match(prediction, target) -> bool of a generation task."""
+  return pipeline.answer_match(task, vocab)
+
+
 def task_kind(task: str, vocab=None) -> str:
   """'rank_classification' or 'generation'."""
   return pipeline.task_kind(task, vocab)

@@ -8,7 +8,7 @@ no iterator state in checkpoints; the step number is enough.
 """
 import collections
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import seqio
@@ -394,6 +394,16 @@ def lm_choices(vocab, context: str, continuations: List[str]) -> Dict[str, Any]:
 
 def metric_fns(task: str, vocab=None):
   return list(_task(task, vocab).metric_fns)
+
+
+def answer_match(task: str, vocab=None) -> Callable[[str, str], bool]:
+  """match(prediction, target) of a generation task: its metric fn's own
+  `.match` when it has one (the Soft Injection tasks' exact match), else
+  equality of the stripped texts."""
+  for fn in metric_fns(task, vocab):
+    if hasattr(fn, "match"):
+      return fn.match
+  return lambda prediction, target: prediction.strip() == target.strip()
 
 
 def task_kind(task: str, vocab=None) -> str:

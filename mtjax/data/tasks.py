@@ -30,6 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mtjax.data import si_tasks
 from mtjax.data import suite
 from mtjax.data import templates as templates_lib
 from mtjax.data import vocab as vocab_lib
@@ -359,11 +360,14 @@ class FileTask:
   template: Optional[templates_lib.Template] = None
   on_bad_row: str = "error"
   on_empty_target: str = "error"
+  # Generation tasks scored by the Soft Injection paper's exact match
+  # (si_tasks.ExactMatch of this task folder) instead of plain accuracy.
+  si_match: Optional[str] = None
 
   def __hash__(self):
     return hash((self.name, self.files, self.reader,
                  self.template.id if self.template else None,
-                 self.on_bad_row, self.on_empty_target))
+                 self.on_bad_row, self.on_empty_target, self.si_match))
 
 
 # Splits carved out of a dataset's validation file, for experiments that train
@@ -407,7 +411,7 @@ def render(task: FileTask, split: str, max_rows: Optional[int] = None):
     if task.template is None:
       inputs, choices = fields["inputs"], list(fields["answer_choices"])
       targets = choices[fields["label"]] if 0 <= fields["label"] < len(
-          choices) else ""
+          choices) else fields.get("targets", "")
     else:
       inputs, targets, choices = task.template.apply(fields, key=line,
                                                      where=where)
@@ -616,7 +620,9 @@ def register_file_task(task: FileTask, vocab, chat: bool = False) -> str:
                           splits_of(task))
   plain = task.name + (".chat" if chat else "")
   name = seqio_name(vocab, plain)
-  add_task(name, plain, source, vocab, chat=chat)
+  metrics = ((si_tasks.ExactMatch(task.si_match),) if task.si_match
+             else (accuracy,))
+  add_task(name, plain, source, vocab, metric_fns=metrics, chat=chat)
   return name
 
 
@@ -837,7 +843,39 @@ def real_tasks(data_dir) -> Dict[str, List[FileTask]]:
                             spec.plain_adapt, None))
     if tasks:
       out[spec.dataset] = tasks
+  out.update(si_qa_tasks(data_dir / "soft_injection_tasks"))
   return out
+
+
+# Few-shot variants registered for every Soft Injection task (si_tasks).
+SI_SHOTS = (10,)
+
+
+def si_qa_tasks(si_dir: pathlib.Path) -> Dict[str, List[FileTask]]:
+  """{'si_qa_<folder>': [its '.inst' task, its '.icl<k>' tasks]} for every
+  Soft Injection task folder (si_tasks: the instruction + 'Q: x\nA:' format;
+  word-choice folders rank-classify the listed words)."""
+  out = {}
+  for folder in sorted(si_dir.iterdir()) if si_dir.is_dir() else ():
+    files = tuple((s, str(folder / f"{f}.json")) for s, f in
+                  (("train", "train"), ("validation", "valid"),
+                   ("test", "test")) if (folder / f"{f}.json").exists())
+    if not files or si_tasks.rule_of(folder.name) not in si_tasks.INSTRUCTIONS:
+      continue
+    train = dict(files).get("train")
+    rows = (functools.partial(_train_rows, train) if train else None)
+    match = None if si_tasks.is_word_choice(folder.name) else folder.name
+    name = si_tasks.dataset_name(folder.name)
+    out[name] = [FileTask(f"{name}.inst", files, "json_list",
+                          si_tasks.adapter(folder.name), si_match=match)]
+    out[name] += [FileTask(f"{name}.icl{k}", files, "json_list",
+                           si_tasks.adapter(folder.name, rows, k),
+                           si_match=match) for k in SI_SHOTS if rows]
+  return out
+
+
+def _train_rows(path: str) -> List[dict]:
+  return [row for _, row in _read_cached("json_list", path)]
 
 
 @dataclasses.dataclass(frozen=True)

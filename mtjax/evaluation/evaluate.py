@@ -445,8 +445,9 @@ def generation(greedy, model, params, examples, vocab, task, lengths,
                        pad_id=data.pad_token_id(vocab), lm=data.lm_format(vocab))
   preds = [vocab.decode(o) for o in outs]
   targets = [ex["targets"] for ex in examples]
+  match = data.answer_match(task, vocab)
   result = {"exact_match": float(np.mean(
-      [p.strip() == t.strip() for p, t in zip(preds, targets, strict=True)])),
+      [match(p, t) for p, t in zip(preds, targets, strict=True)])),
             # prompts cut to their last Li tokens (generation_batch)
             "truncated": int(sum(len(ex["input_ids"]) > lengths["inputs"]
                                  for ex in examples)),
@@ -485,7 +486,8 @@ def evaluate_task(fns, model, params, task, vocab, cfg, lengths, mesh,
   metrics, preds = generation(fns["greedy"], model, params, examples, vocab,
                               task, lengths, cfg.max_new_tokens,
                               cfg.batch_size, mesh)
-  correct = np.array([p.strip() == ex["targets"].strip()
+  match = data.answer_match(task, vocab)
+  correct = np.array([match(p, ex["targets"])
                       for p, ex in zip(preds, examples, strict=True)], float)
   return (metrics, correct) if return_correct else metrics
 
