@@ -30,8 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mtjax.data import si_tasks
-from mtjax.data import suite
+from mtjax.data import si_tasks, suite
 from mtjax.data import templates as templates_lib
 from mtjax.data import vocab as vocab_lib
 
