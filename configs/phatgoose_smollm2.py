@@ -23,7 +23,7 @@ expert sees.
 
 Variants:
   cpu   4 held-in datasets (piqa, arc_easy, commonsense_qa, openbook_qa),
-        6 held-out (copa, xcopa_gmt.it, cb, rte, wsc, arc_challenge), 2
+        5 held-out (copa, cb, rte, wsc, arc_challenge; see HELD_OUT), 2
         templates each, 24 examples per template, 112 + 16 tokens, 30 expert
         / 10 gate / 60 multitask steps of batch 8, LoRA on q/v only. Rows:
         base, merged, PHATGOOSE, retrieval, multitask, Arrow, task_avg
@@ -42,7 +42,11 @@ from configs import common
 
 VARIANTS = ("cpu", "full", "skills")
 
-HELD_OUT = ("copa", "xcopa_gmt.it", "cb", "rte", "wsc", "arc_challenge")
+# Held out: no xcopa_gmt.it. It is COPA's validation set back-translated
+# from Italian, the same rows in the same order, so with 'copa' it would
+# count COPA twice in the held-out mean (runs before this change, e.g.
+# docs/data/phatgoose_smollm2_cpu_rows.json, include it).
+HELD_OUT = ("copa", "cb", "rte", "wsc", "arc_challenge")
 
 # skills: the Soft Injection set's tasks (mtjax.data.si_tasks), one expert
 # per held-in task; every family of si_tasks.FAMILIES but 'counting' and

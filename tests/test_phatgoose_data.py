@@ -1,4 +1,9 @@
 """PHATGOOSE on real datasets: train/eval splits, template groups, intervals."""
+import json
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -58,3 +63,60 @@ def test_median_of_templates_and_its_intervals():
   wide = results.median_of_templates({"x": correct["b0"][:25]}, {"x": ["x"]})
   narrow = results.median_of_templates({"x": correct["b0"]}, {"x": ["x"]})
   assert wide["x"][2] - wide["x"][1] > narrow["x"][2] - narrow["x"][1]
+
+
+def test_templates_of_a_dataset_are_resampled_at_the_same_examples():
+  """One bootstrap draw resamples a dataset's examples once, for every
+  template: two identical templates give one template's interval (drawn
+  independently, their median would be a narrower mean of two draws), and
+  two complementary templates a constant median."""
+  v = np.random.default_rng(1).random(60) < 0.6
+  one = results.median_of_templates({"t": v}, {"d": ["t"]})
+  two = results.median_of_templates({"t": v, "u": v.copy()},
+                                    {"d": ["t", "u"]})
+  assert two["d"] == pytest.approx(one["d"])
+  assert two["mean"] == pytest.approx(one["mean"])
+  flip = results.median_of_templates({"t": v, "u": ~v}, {"d": ["t", "u"]})
+  assert flip["d"] == pytest.approx((0.5, 0.5, 0.5))
+
+
+TABLE = pathlib.Path(__file__).resolve().parents[1] / "docs/data/phatgoose_table.py"
+
+
+def _results_file(path, row: str, ids):
+  """A minimal phatgoose_results.json: one held-out dataset of two
+  templates, one row; ids None leaves 'example_ids' out (an older file)."""
+  groups = {"e": ["e.t"], "d": ["d.t0", "d.t1"]}
+  correct = {t: [1, 0, 1, 1] for ts in groups.values() for t in ts}
+  out = {"groups": groups, "experts": ["e"], "correct": {row: correct},
+         "scores": {row: {"d": [0.75, 0.5, 1.0],
+                          "held_out": [0.75, 0.5, 1.0]}}}
+  if ids is not None:
+    out["example_ids"] = {row: {t: list(ids) for t in correct}}
+  path.write_text(json.dumps(out))
+  return str(path)
+
+
+def _table(*files):
+  return subprocess.run([sys.executable, str(TABLE), *files,
+                         "--baseline=a"], capture_output=True, text=True,
+                        check=False)
+
+
+def test_table_combines_files_only_when_they_scored_the_same_examples(
+    tmp_path):
+  a = _results_file(tmp_path / "a.json", "a", [1, 2, 3, 4])
+  same = _results_file(tmp_path / "b.json", "b", [1, 2, 3, 4])
+  other = _results_file(tmp_path / "c.json", "c", [1, 2, 3, 5])
+  old = _results_file(tmp_path / "d.json", "d", None)
+  ok = _table(a, same)
+  assert ok.returncode == 0, ok.stderr
+  assert "| b |" in ok.stdout and "b - a: +0.000" in ok.stdout
+  assert "note" not in ok.stderr
+  bad = _table(a, other)
+  assert bad.returncode != 0
+  assert "task d.t0" in bad.stderr and "c.json" in bad.stderr
+  # Older files without ids: combined on the count check, with a note.
+  legacy = _table(a, old)
+  assert legacy.returncode == 0, legacy.stderr
+  assert "d.json: no example ids" in legacy.stderr

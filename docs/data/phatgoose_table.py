@@ -7,8 +7,12 @@
 held-in ones (the experts' own tasks: the merging benchmarks' protocol).
 
 Several files (e.g. the PHATGOOSE rows and the merging rows of one expert
-library) are combined row by row; they must hold the same held-out tasks
-with the same examples (checked), so paired differences are meaningful.
+library) are combined row by row; they must hold the same tasks, and every
+row must have scored the same examples of each task, so paired differences
+are meaningful: checked on the ids the experiment records per row and task
+('example_ids', crc32 of each example's text), and refused naming the task
+and the files when they differ. Files written before the ids were recorded
+are checked on example counts only (a note says so).
 """
 import json
 import sys
@@ -26,20 +30,33 @@ outs = [json.load(open(p)) for p in args]
 first = outs[0]
 groups = {d: ts for d, ts in first["groups"].items()
           if (d in first["experts"]) == (mean == "held_in")}
-scores, correct = {}, {}
+scores, correct, ids, source = {}, {}, {}, {}
 for path, out in zip(args, outs):
   if out["groups"] != first["groups"] or out["experts"] != first["experts"]:
     sys.exit(f"{path}: other tasks or experts than {args[0]}; not comparable")
   for r, s in out["scores"].items():
     if s.get(mean) and r not in scores:
       scores[r], correct[r] = s, out["correct"][r]
+      ids[r], source[r] = out.get("example_ids", {}).get(r), path
 rows = list(scores)
 ref = rows[0]
+tasks = [t for ts in groups.values() for t in ts]
 for r in rows:
-  for t in correct[ref]:
+  for t in tasks:
     if len(correct[r][t]) != len(correct[ref][t]):
-      sys.exit(f"row {r}: {len(correct[r][t])} examples of {t}, "
-               f"{ref} has {len(correct[ref][t])}; not comparable")
+      sys.exit(f"row {r} ({source[r]}): {len(correct[r][t])} examples of "
+               f"{t}, {ref} ({source[ref]}) has {len(correct[ref][t])}; "
+               "not comparable")
+with_ids = [r for r in rows if ids[r]]
+if len(with_ids) < len(rows):
+  old = sorted({source[r] for r in rows if not ids[r]})
+  print(f"note: {', '.join(old)}: no example ids (written before they were "
+        "recorded); only example counts were checked", file=sys.stderr)
+for r in with_ids:
+  for t in tasks:
+    if ids[r].get(t) != ids[with_ids[0]].get(t):
+      sys.exit(f"task {t}: row {r} ({source[r]}) scored other examples than "
+               f"row {with_ids[0]} ({source[with_ids[0]]}); not comparable")
 cols = list(groups)
 print("| row | " + " | ".join(cols) + f" | {mean} mean |")
 print("|---|" + "---|" * (len(cols) + 1))
@@ -54,15 +71,20 @@ print("\nexamples per template:", sorted(set(n_ex.values())), "tasks:", len(n_ex
 
 
 def paired(a, b, resamples=2000, seed=0):
-  """The mean over `groups` of a minus b, on the same resampled examples."""
+  """The mean over `groups` of a minus b, on the same resampled examples:
+  one draw of example indices per dataset, for both rows and every template
+  (templates of different sizes: one draw per template)."""
   rng = np.random.default_rng(seed)
   boot, point = [], []
   for ts in groups.values():
     da, db, pa, pb = [], [], [], []
+    sizes = {len(correct[a][t]) for t in ts}
+    shared = rng.integers(0, min(sizes), (resamples, min(sizes)))
     for t in ts:
       va = np.asarray(correct[a][t], float)
       vb = np.asarray(correct[b][t], float)
-      idx = rng.integers(0, va.size, (resamples, va.size))
+      idx = (shared if len(sizes) == 1
+             else rng.integers(0, va.size, (resamples, va.size)))
       da.append(va[idx].mean(1))
       db.append(vb[idx].mean(1))
       pa.append(va.mean())

@@ -34,20 +34,18 @@ def median_of_templates(correct: dict, datasets: dict, level: float = 0.95,
   and the mean over datasets, each with a percentile bootstrap interval.
 
   correct: {task: per-example 0/1 (N_task,)}; datasets: {dataset: [tasks]}
-  (its templates). Each resample redraws every template's examples; the
-  statistic is recomputed from the resampled accuracies.
+  (its templates). The templates of a dataset score the same examples, so
+  each resample draws one set of example indices per dataset and applies it
+  to every template of it (`template_draws`); the statistic is recomputed
+  from the resampled accuracies.
   Returns {dataset: (point, lo, hi)} and 'mean' -> (point, lo, hi).
   """
   rng = np.random.default_rng(seed)
   boot, point = {}, {}
   for name, tasks in datasets.items():
-    accs, draws = [], []
-    for t in tasks:
-      v = np.asarray(correct[t], np.float64)
-      accs.append(v.mean())
-      draws.append(v[rng.integers(0, v.size, (resamples, v.size))].mean(1))
-    point[name] = float(np.median(accs))
-    boot[name] = np.median(np.stack(draws), axis=0)
+    values = [np.asarray(correct[t], np.float64) for t in tasks]
+    point[name] = float(np.median([v.mean() for v in values]))
+    boot[name] = np.median(template_draws(values, rng, resamples, name), 0)
   tail = (1 - level) / 2 * 100
   out = {n: (point[n], *map(float, np.percentile(boot[n], [tail, 100 - tail])))
          for n in datasets}
@@ -55,6 +53,24 @@ def median_of_templates(correct: dict, datasets: dict, level: float = 0.95,
   out["mean"] = (float(np.mean([point[n] for n in datasets])),
                  *map(float, np.percentile(mean, [tail, 100 - tail])))
   return out
+
+
+def template_draws(values: list, rng, resamples: int,
+                   name: str = "") -> np.ndarray:
+  """(templates, resamples) bootstrap accuracies of one dataset's templates
+  `values` [(N,)], every template resampled at the same example indices.
+
+  Templates with different example counts (a template that skips rows)
+  cannot be aligned by position: each is then resampled on its own, with a
+  warning naming the dataset."""
+  sizes = {v.size for v in values}
+  if len(sizes) == 1:
+    idx = rng.integers(0, values[0].size, (resamples, values[0].size))
+    return np.stack([v[idx].mean(1) for v in values])
+  logging.warning("dataset %s: templates score %s examples; resampled "
+                  "independently", name, sorted(sizes))
+  return np.stack([v[rng.integers(0, v.size, (resamples, v.size))].mean(1)
+                   for v in values])
 
 
 def with_averages(results, groups):

@@ -81,6 +81,8 @@ class Run:
   trained: dict = dataclasses.field(default_factory=dict)
   # Per-example correctness {row name: {task: (N,)}}, for the intervals.
   correct: dict = dataclasses.field(default_factory=dict)
+  # Ids of the examples scored {row name: {task: [id]}} (`example_ids`).
+  example_ids: dict = dataclasses.field(default_factory=dict)
   start: float = dataclasses.field(default_factory=time.time)
   # (index, count) of the training stream this process reads
   # (distributed.data_shard of config.data.shard_by).
@@ -312,18 +314,33 @@ def eval_fns(run: Run, method) -> dict:
 def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
                     tasks: list, fns: Optional[dict] = None) -> dict:
   """{task: metrics} with one compiled scorer/greedy for all tasks; each
-  task's per-example correctness goes to run.correct[name]."""
+  task's per-example correctness goes to run.correct[name], the ids of the
+  examples it scored (`example_ids`) to run.example_ids[name]."""
   fns = fns or eval_fns(run, method)
   res, correct = {}, run.correct.setdefault(name, {})
+  ids = run.example_ids.setdefault(name, {})
   for task in tasks:
     cfg = run.config.eval.copy_and_resolve_references()
     cfg.split = run.split_of(task)
     res[task], correct[task] = evaluate.evaluate_task(
         fns, run.model, params_for_task(task), task, run.vocab, cfg,
         run.lengths, run.mesh, return_correct=True)
+    ids[task] = example_ids(data.eval_examples(
+        task, run.vocab, split=cfg.split,
+        max_examples=cfg.get("max_examples") or None))   # evaluate_task's
+    if len(ids[task]) != len(correct[task]):
+      raise AssertionError(f"{task}: {len(ids[task])} example ids for "
+                           f"{len(correct[task])} scored examples")
   run.log(f"[{name}] " + " ".join(f"{t}={headline(m):.3f}"
                                   for t, m in res.items()))
   return res
+
+
+def example_ids(examples: list) -> list:
+  """Per example, crc32 of its input and target text: which examples a row
+  scored, so results files can be checked to hold the same ones."""
+  return [zlib.crc32(f"{e['inputs']}\x00{e['targets']}".encode())
+          for e in examples]
 
 
 def headline(metrics: dict) -> float:
@@ -579,13 +596,13 @@ def oracle_step(run: Run, entry: dict) -> dict:
                           lambda _, e=e: with_w(rb.one_hot(e, num_e)), tasks,
                           fns)
       score = float(np.median([headline(r[t]) for t in tasks]))
+      kept = (run.correct.pop(label), run.example_ids.pop(label))
       if best is None or score > best[0]:
-        best = (score, expert, r, run.correct.pop(label))
-      else:
-        run.correct.pop(label)
+        best = (score, expert, r, *kept)
     for t in tasks:
       res[t] = dict(best[2][t], expert=best[1])
       run.correct[name][t] = best[3][t]
+      run.example_ids[name][t] = best[4][t]
   return res
 
 
@@ -902,6 +919,7 @@ def write_results(r: Run, results: dict, errors: dict, path: str) -> tuple:
          "averages": {n: {k: v[k][0] for k in ("held_in", "held_out")
                           if k in v} for n, v in scores.items()},
          "diagnostics": r.diagnostics, "correct": r.correct,
+         "example_ids": r.example_ids,
          "errors": errors, "experts": r.experts, "groups": r.groups,
          "held_out": r.held_out,
          "library_mb": size_mb(r.stacked),
