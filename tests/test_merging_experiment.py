@@ -155,3 +155,29 @@ def test_words_variant_scores_every_row_on_its_experts_tasks():
   assert rows["adamerging"]["data"] == "eval_prompts"
   for entry in cfg.methods:
     pg.step_for(entry)
+
+
+def test_merge_select_picks_the_best_validation_candidate(run):
+  """merge_select (experiments.phatgoose_rows) scores each candidate on the
+  held-in validation examples, keeps the best, and its row is exactly the
+  static merge with that value."""
+  with run.config.unlocked():
+    run.config.valid_split = run.config.eval.split
+    run.config.valid_examples = 8
+  row = _row(run, name="ta_sel", kind="merge_select",
+             merge={"name": "task_arithmetic"}, weights=(0.0, 1.0))
+  diag = run.diagnostics["ta_sel"]
+  assert diag["grid"] == "weights" and set(diag["validation"]) == {"0.0",
+                                                                   "1.0"}
+  best = max((0.0, 1.0), key=lambda v: diag["validation"][str(v)])
+  assert diag["selected"] == best
+  fixed = _row(run, name="ta_fixed", merge={"name": "task_arithmetic"},
+               weights=best)
+  assert set(row) == set(fixed)
+  for t in row:
+    np.testing.assert_array_equal(run.correct["ta_sel"][t],
+                                  run.correct["ta_fixed"][t])
+  with pytest.raises(ValueError, match="exactly one of"):
+    pg.step_for({"name": "x", "kind": "merge_select"})(
+        run, {"name": "x", "kind": "merge_select",
+              "merge": {"name": "ties"}})

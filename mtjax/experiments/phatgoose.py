@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from mtjax import data, distributed, merging, methods, paths, routing
-from mtjax.data import suite
+from mtjax.data import si_tasks, suite
 from mtjax.data import tasks as tasks_lib
 from mtjax.evaluation import evaluate, plots
 from mtjax.evaluation import results as results_lib
@@ -312,16 +312,26 @@ def eval_fns(run: Run, method) -> dict:
 
 
 def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
-                    tasks: list, fns: Optional[dict] = None) -> dict:
+                    tasks: list, fns: Optional[dict] = None,
+                    split: Optional[str] = None,
+                    max_examples: Optional[int] = None) -> dict:
   """{task: metrics} with one compiled scorer/greedy for all tasks; each
   task's per-example correctness goes to run.correct[name], the ids of the
-  examples it scored (`example_ids`) to run.example_ids[name]."""
+  examples it scored (`example_ids`) to run.example_ids[name].
+
+  The split is `run.split_of(task)` and the example count config.eval's
+  (config.held_in_examples for held-in tasks, when set), unless `split` /
+  `max_examples` are given (model selection on a validation split)."""
   fns = fns or eval_fns(run, method)
   res, correct = {}, run.correct.setdefault(name, {})
   ids = run.example_ids.setdefault(name, {})
   for task in tasks:
     cfg = run.config.eval.copy_and_resolve_references()
-    cfg.split = run.split_of(task)
+    cfg.split = split or run.split_of(task)
+    if max_examples:
+      cfg.max_examples = max_examples
+    elif task in run.held_in and run.config.get("held_in_examples"):
+      cfg.max_examples = run.config.held_in_examples
     res[task], correct[task] = evaluate.evaluate_task(
         fns, run.model, params_for_task(task), task, run.vocab, cfg,
         run.lengths, run.mesh, return_correct=True)
@@ -444,8 +454,9 @@ def diagnostics(run: Run, recorder: Recorder, params_for_task: Callable,
   out, loads = {}, {}
   own = run.own
   for task in tasks:
+    # Prompts only: a router at test time never sees the gold answer.
     recs, _ = recorder(params_for_task(task), task,
-                       run.config.diagnostics_examples)
+                       run.config.diagnostics_examples, prompts_only=True)
     merged = {}
     for rec, inp in recs:
       for path, row in diag_lib.summarize_records(rec, inp, num_experts,
@@ -507,6 +518,26 @@ def composing_share(diag: dict, loads: dict, held_in: list,
           for layer, v in loads[t].items()}
 
 
+def family_share(diag: dict, loads: dict, held_in: list,
+                 held_out: list) -> None:
+  """Soft Injection skills (data.si_tasks.FAMILIES): per held-out task, the
+  share of routed slots on the experts of its own family, per layer and
+  averaged over layers, next to its chance level (family experts / E).
+  Tasks whose family has no expert get no entry."""
+  families = [si_tasks.family_of(d) for d in held_in]
+  for t in held_out:
+    fam = si_tasks.family_of(t.split(".")[0])
+    idx = [i for i, f in enumerate(families) if f == fam]
+    if not idx:
+      continue
+    by_layer = {layer: float(np.asarray(v)[idx].sum())
+                for layer, v in loads[t].items()}
+    diag[t].update(family=fam, family_experts=[held_in[i] for i in idx],
+                   family_share_by_layer=by_layer,
+                   family_share=float(np.mean(list(by_layer.values()))),
+                   family_chance=len(idx) / len(held_in))
+
+
 # ---------------------------------------------------------------- entries
 
 def options(entry: dict, *drop: str) -> dict:
@@ -556,6 +587,8 @@ def token_router_step(run: Run, entry: dict) -> dict:
                                                run.tasks, run.num_experts)
     if kind == "phatgoose":
       composing_share(run.diagnostics[name], loads, run.experts, run.held_out)
+      if run.config.get("families"):
+        family_share(run.diagnostics[name], loads, run.experts, run.held_out)
       run.plot["path"] = paths.join(run.workdir, "routing_held_out.png")
       if distributed.is_main_process():   # the one process that writes
         plots.plot_routing(
@@ -575,7 +608,9 @@ for _kind in ("phatgoose", "arrow", "uniform", "merged"):
 def oracle_step(run: Run, entry: dict) -> dict:
   """Held-in: the dataset's own expert; held-out: the single expert with the
   best median over the dataset's templates, chosen with the labels (an
-  upper bound)."""
+  upper bound): on the scored examples themselves, or, with
+  entry['select_examples'], on that many examples of config.valid_split
+  (cheaper, and no selection bias in the scored examples)."""
   num_e, own, name = run.num_experts, run.own, entry["name"]
   router, _ = routed(run, "fixed", dict(entry, top_k=1),
                      weights=np.ones(num_e))
@@ -590,15 +625,26 @@ def oracle_step(run: Run, entry: dict) -> dict:
     if d in run.experts:
       continue
     best = None
+    select = ({"split": run.config.valid_split,
+               "max_examples": entry["select_examples"]}
+              if entry.get("select_examples") else {})
     for e, expert in enumerate(run.experts):
       label = f"expert {expert} on {d}"
       r = evaluate_method(run, label, router,
                           lambda _, e=e: with_w(rb.one_hot(e, num_e)), tasks,
-                          fns)
+                          fns, **select)
       score = float(np.median([headline(r[t]) for t in tasks]))
       kept = (run.correct.pop(label), run.example_ids.pop(label))
       if best is None or score > best[0]:
         best = (score, expert, r, *kept)
+    if select:   # the chosen expert on the scored examples
+      e = run.experts.index(best[1])
+      label = f"expert {best[1]} on {d}"
+      r = evaluate_method(run, label, router,
+                          lambda _, e=e: with_w(rb.one_hot(e, num_e)), tasks,
+                          fns)
+      best = (best[0], best[1], r, run.correct.pop(label),
+              run.example_ids.pop(label))
     for t in tasks:
       res[t] = dict(best[2][t], expert=best[1])
       run.correct[name][t] = best[3][t]
@@ -808,16 +854,12 @@ def merge_step(run: Run, entry: dict) -> dict:
   """
   cfg = run.config
   spec = dict(entry.get("merge") or {"name": entry["name"]})
-  tvs = expert_task_vectors(run)
   name = spec["name"]
-  if issubclass(merging.MERGES.get(name), merging.static.StaticMerge):
-    merge = merging.MERGES.build(spec)
-    w = entry.get("weights", 1.0)
-    w = np.full(run.num_experts, w) if np.ndim(w) == 0 else np.asarray(w)
-    merged = merge(tvs, w, jax.random.fold_in(run.rng, 11))
-    params = merging.apply_task_vector(run.base, merged)
+  if is_static(spec):
+    params = static_merge(run, spec, entry.get("weights", 1.0))
     run.log(f"{entry['name']}: {name} of {run.num_experts} experts")
   else:
+    tvs = expert_task_vectors(run)
     if name == "scalearn":
       merge = merging.MERGES.build(spec, experts=[
           merging.LoRAExpert(run.lora, {"lora": tree})
@@ -845,6 +887,22 @@ def merge_step(run: Run, entry: dict) -> dict:
   return evaluate_method(run, entry["name"], FullFineTuning(),
                          lambda t: {"base": params},
                          run.eval_tasks(entry["name"]))
+
+
+def is_static(spec: dict) -> bool:
+  """Whether a merge spec {'name': ...} names a static (unfitted) merge."""
+  return issubclass(merging.MERGES.get(spec["name"]),
+                    merging.static.StaticMerge)
+
+
+def static_merge(run: Run, spec: dict, weights) -> dict:
+  """Base params plus the static merge `spec` of the experts' task vectors;
+  weights: one number for every expert, or (E,)."""
+  merge = merging.MERGES.build(spec)
+  w = (np.full(run.num_experts, weights) if np.ndim(weights) == 0
+       else np.asarray(weights))
+  merged = merge(expert_task_vectors(run), w, jax.random.fold_in(run.rng, 11))
+  return merging.apply_task_vector(run.base, merged)
 
 
 def expert_lora_trees(run: Run) -> list:
@@ -1064,6 +1122,11 @@ def report(r: Run, text: str, errors: dict) -> None:
       r.log(f"  {t}: " + " ".join(
           f"{k}={v:.2f}" for k, v in diag[t]["top1_own_by_layer"].items()))
     for t in r.held_out:
+      if "family_share" in diag[t]:
+        r.log(f"  held-out {t}: share of routed tokens on its family "
+              f"{diag[t]['family']} ({len(diag[t]['family_experts'])} "
+              f"experts): {diag[t]['family_share']:.3f} (chance "
+              f"{diag[t]['family_chance']:.3f})")
       share = diag[t].get("composing_share_by_layer")
       if share:
         parts = diag[t]["composes"]
