@@ -106,6 +106,7 @@ def skills_config():
   c.methods = tuple(rows)
   c.held_in_rows = ("base", "oracle", "multitask", "phatgoose")
   c.diagnostics_examples = 200
+  c.diagnostics_prompts_only = True    # no gold token reaches the router
   c.families = True                    # family-share routing diagnostics
   return c
 

@@ -454,9 +454,11 @@ def diagnostics(run: Run, recorder: Recorder, params_for_task: Callable,
   out, loads = {}, {}
   own = run.own
   for task in tasks:
-    # Prompts only: a router at test time never sees the gold answer.
-    recs, _ = recorder(params_for_task(task), task,
-                       run.config.diagnostics_examples, prompts_only=True)
+    # config.diagnostics_prompts_only: routing as at test time, where a
+    # router never sees the gold answer (else teacher-forced rows).
+    recs, _ = recorder(
+        params_for_task(task), task, run.config.diagnostics_examples,
+        prompts_only=run.config.get("diagnostics_prompts_only", False))
     merged = {}
     for rec, inp in recs:
       for path, row in diag_lib.summarize_records(rec, inp, num_experts,
