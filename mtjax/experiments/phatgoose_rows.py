@@ -37,18 +37,15 @@ def icl_task(run: pg.Run, task: str, shots: int) -> str:
   return name
 
 
-def prompt_stats(run: pg.Run, task: str, inputs_length: int) -> dict:
-  """How a k-shot task's prompts fit `inputs_length` tokens: how many are
-  left-truncated, and the mean number of demonstrations ('Q:' blocks before
-  the query's) that survive the truncation."""
-  cfg = run.config
-  exs = data.eval_examples(task, run.vocab, split=run.split_of(task),
-                           max_examples=cfg.eval.max_examples)
+def prompt_stats(run: pg.Run, examples: list, inputs_length: int) -> dict:
+  """How a k-shot task's eval examples fit `inputs_length` tokens: how many
+  are left-truncated, and the mean number of demonstrations ('Q:' blocks
+  before the query's) that survive the truncation."""
   kept = [run.vocab.decode(list(e["input_ids"][-inputs_length:])).count("Q:")
-          - 1 for e in exs]
-  return {"examples": len(exs),
+          - 1 for e in examples]
+  return {"examples": len(examples),
           "truncated": int(sum(len(e["input_ids"]) > inputs_length
-                               for e in exs)),
+                               for e in examples)),
           "mean_shots_kept": float(np.mean(kept))}
 
 
@@ -83,7 +80,7 @@ def icl_step(run: pg.Run, entry: dict) -> dict:
     out[t] = res[k]
     run.correct[name][t] = correct[k]
     run.example_ids[name][t] = pg.example_ids(zero)
-    stats[t] = prompt_stats(run, k, lengths["inputs"])
+    stats[t] = prompt_stats(run, few, lengths["inputs"])
     run.log(f"[{name}] {t}: {stats[t]['truncated']}/{stats[t]['examples']} "
             f"prompts left-truncated to {lengths['inputs']} tokens, "
             f"{stats[t]['mean_shots_kept']:.1f} demonstrations kept on "
