@@ -93,7 +93,8 @@ def get_config(arch="llama"):
   # more entries, e.g. dict(name="phatgoose_k4", kind="phatgoose", top_k=4).
   c.methods = tuple(dict(name=n) for n in (
       "base", "multitask", "oracle", "uniform", "merged", "arrow", "phatgoose",
-      "task_gate", "task_avg", "retrieval", "poly", "mhr", "mhr_mu", "mhr_z"))
+      "task_gate", "phatgoose_task_avg", "avg_activation", "retrieval",
+      "poly", "mhr", "mhr_mu", "mhr_z"))
   c.only = ""   # comma-separated row names to run (default: all)
   c.diagnostics_examples = 64
   c.continue_on_error = False  # True: log a failing method and go on

@@ -10,6 +10,7 @@ seqio = pytest.importorskip("seqio")
 
 from mtjax import data  # noqa: E402
 from mtjax.data import suite, tasks, templates  # noqa: E402
+from mtjax.evaluation import evaluate  # noqa: E402
 
 LENGTHS = {"inputs": 64, "targets": 16}
 
@@ -364,3 +365,59 @@ def test_too_long_truncates_by_default_or_errors(byte):
   message = str(e.value)
   assert "mtjax.byte.sentiment" in message and "Review:" in message
   assert "limit 12" in message
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder"])
+def test_training_cuts_rows_as_evaluation_does(byte, kind):
+  """A long prompt keeps its end (the question next to the answer) in
+  training exactly as in evaluation's score_rows, and count_truncated counts
+  the rows that lose tokens."""
+  task = tasks.seqio_name(byte, "sentiment")
+  short = {"inputs": 12, "targets": 4}
+  b = next(data.train_batches(task, byte, short, 8, kind, seed=0,
+                              shuffle=False))
+  rows = data.eval_examples(task, byte, split="train", max_examples=8)
+  ref = evaluate.score_rows([(r["input_ids"], r["target_ids"]) for r in rows],
+                            kind, short)
+  keys = (["encoder_input_tokens", "decoder_target_tokens"]
+          if kind == "encoder_decoder" else ["decoder_target_tokens"])
+  for k in keys:
+    np.testing.assert_array_equal(b[k], ref[k])
+  np.testing.assert_array_equal(b["decoder_loss_weights"],
+                                ref["decoder_loss_weights"])
+  long = [i for i, r in enumerate(rows) if len(r["input_ids"]) > 12]
+  assert long
+  for i in long:   # the prompt's last tokens survive, not its first
+    kept = (b["encoder_input_tokens"][i] if kind == "encoder_decoder"
+            else b["decoder_target_tokens"][i])
+    width = 12 if kind == "encoder_decoder" else 16 - len(
+        rows[i]["target_ids"][:16])
+    np.testing.assert_array_equal(kept[:width],
+                                  rows[i]["input_ids"][-width:])
+  cut, total = data.count_truncated(task, byte, short, kind, max_rows=8)
+  assert total == 8 and cut == sum(
+      data.fit_row(r["input_ids"], r["target_ids"], kind, short)[2]
+      for r in rows) and cut > 0
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder"])
+def test_trimmed_batches_drop_only_padding(byte, kind):
+  """trim_to cuts a batch to its longest row (rounded up): the kept slots are
+  the full batch's, every dropped slot is padding (no loss, no attention)."""
+  task = tasks.seqio_name(byte, "copy")
+  full = next(data.train_batches(task, byte, LENGTHS, 8, kind, seed=0))
+  cut = next(data.train_batches(task, byte, LENGTHS, 8, kind, seed=0,
+                                trim_to=8))
+  assert set(cut) == set(full)
+  shorter = 0
+  for k, v in cut.items():
+    np.testing.assert_array_equal(v, full[k][:, :v.shape[1]] if v.ndim == 2
+                                  else full[k])
+    if v.ndim == 2 and v.shape[1] < full[k].shape[1]:
+      shorter += 1
+      assert v.shape[1] % 8 == 0
+      dropped = full[k][:, v.shape[1]:]
+      if k in ("decoder_loss_weights", "decoder_causal_attention",
+               "encoder_input_tokens", "decoder_target_tokens"):
+        assert not dropped.any(), k
+  assert shorter, "copy rows are shorter than LENGTHS: something is cut"

@@ -215,3 +215,82 @@ def test_retrieval_embedding_ignores_unfilled_generation_slots():
   got = rb.example_embedding(model, params, dict(
       input_ids=buffer, attention_mask=np.ones_like(buffer)))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def _fresh(ctx, lib, **updates):
+  """The fixture's run with its own config copy and empty result stores."""
+  cfg = ctx.config.copy_and_resolve_references()
+  for key, value in updates.items():
+    node, *path = key.split(".")
+    target = cfg
+    for k in [node] + path[:-1]:
+      target = target[k]
+    target[path[-1] if path else node] = value
+  return dataclasses.replace(ctx, config=cfg, correct={}, example_ids={},
+                             trained={}, diagnostics={}, train_lengths={},
+                             stacked=ex.stack_library(lib))
+
+
+def test_mhr_z_never_scores_rows_its_allocation_was_fitted_on(trained):
+  """MHR-z fits a held-out task's allocation on config.poly.z_split and is
+  scored on z_eval_split; splits that share rows are refused by name."""
+  ctx, lib = trained
+  entry = dict(name="mhr_z")
+  run = _fresh(ctx, lib, **{"poly.steps": 3, "poly.z_steps": 2,
+                            "poly.z_split": "train",
+                            "poly.z_eval_split": "validation"})
+  with sharding.use_mesh(run.mesh):
+    res = pg.step_for(entry)(run, entry)
+  assert set(res) >= {"add_compare"}
+  scored = run.example_ids["mhr_z"]["add_compare"]
+  assert scored == pg.example_ids(pg.data.eval_examples(
+      "add_compare", run.vocab, split="validation",
+      max_examples=run.config.eval.max_examples))
+  bad = _fresh(ctx, lib, **{"poly.steps": 3, "poly.z_steps": 2,
+                            "poly.z_split": "validation",
+                            "poly.z_eval_split": ""})
+  with sharding.use_mesh(bad.mesh), pytest.raises(ValueError,
+                                                  match="share rows"):
+    pg.step_for(entry)(bad, entry)
+  assert pg.tasks_lib.splits_share_rows("val_train", "validation")
+  assert not pg.tasks_lib.splits_share_rows("val_train", "val_test")
+
+
+def test_avg_activation_routes_by_each_experts_mean_module_input(trained):
+  """The paper's "average activation" baseline: an expert's router vector is
+  the mean input of each module over its own training tokens (padding not
+  counted); a token equal to that vector routes to that expert first."""
+  ctx, lib = trained
+  entry = dict(name="avg_activation", batches=1)
+  run = _fresh(ctx, lib)
+  with sharding.use_mesh(run.mesh):
+    res = pg.step_for(entry)(run, entry)
+  assert set(res) == set(run.tasks)
+  trees = pg.expert_lora_trees(run)
+  batch = next(pg.batches(run, run.experts[0], 0))
+  inp = pg.data.model_inputs(batch, run.kind)
+  vec = rb.average_activations(run.model, run.base, run.lora, trees[0], [inp])
+  padded = dict(inp)
+  for key in ("input_ids", "attention_mask", "decoder_input_ids",
+              "decoder_attention_mask"):
+    if key in inp:
+      padded[key] = np.pad(np.asarray(inp[key]), ((0, 0), (0, 5)))
+  vec_pad = rb.average_activations(run.model, run.base, run.lora, trees[0],
+                                   [padded])
+  for path in vec:
+    np.testing.assert_allclose(vec[path], vec_pad[path], rtol=2e-4, atol=2e-5)
+  vectors = [rb.average_activations(run.model, run.base, run.lora, t,
+                                    [pg.data.model_inputs(
+                                        next(pg.batches(run, name, 0)),
+                                        run.kind)])
+             for t, name in zip(trees, run.experts, strict=True)]
+  stacked = rb.with_gates(run.stacked, vectors)
+  router = routed.build_router("phatgoose", run.lora, top_k=1)
+  leaves = transform.flatten(routed.routed_params(run.base, stacked,
+                                                  router)["experts"])
+  path = sorted(vec)[0]
+  leaf = {k.rsplit("/", 1)[1]: v for k, v in leaves.items()
+          if k.rsplit("/", 1)[0] == path}
+  for e, v in enumerate(vectors):
+    idx, _, _ = router.route(np.asarray(v[path])[None], leaf, None, 1)
+    assert int(idx[0, 0]) == e

@@ -113,10 +113,39 @@ def test_table_combines_files_only_when_they_scored_the_same_examples(
   assert ok.returncode == 0, ok.stderr
   assert "| b |" in ok.stdout and "b - a: +0.000" in ok.stdout
   assert "note" not in ok.stderr
-  bad = _table(a, other)
-  assert bad.returncode != 0
-  assert "task d.t0" in bad.stderr and "c.json" in bad.stderr
+  # A row of other examples is shown apart, with why, and never paired.
+  apart = _table(a, other)
+  assert apart.returncode == 0, apart.stderr
+  assert "c (" in apart.stdout and "c.json" in apart.stdout
+  assert "other examples of d.t0 than a" in apart.stdout
+  assert "c - a" not in apart.stdout
   # Older files without ids: combined on the count check, with a note.
   legacy = _table(a, old)
   assert legacy.returncode == 0, legacy.stderr
   assert "d.json: no example ids" in legacy.stderr
+
+
+def test_file_overlaps_count_seen_inputs_and_seen_answers(tmp_path):
+  """A held-out test input found in a held-in train file is counted, and
+  counted again as a seen answer only with the same output (case kept)."""
+  def task(folder, split, rows):
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / f"{split}.json").write_text(json.dumps(
+        [{"input": i, "output": o} for i, o in rows]))
+  task("capitalize_first_letter", "train", [("wolf", "W"), ("a", "A")])
+  task("english-french", "train", [("Wolf", "loup"), ("cat", "chat")])
+  task("capitalize_last_letter", "test", [("wolf", "F"), ("a", "A"),
+                                          ("zebra", "A")])
+  o = pg.si_tasks.file_overlaps(
+      tmp_path, ["si_qa_capitalize_first_letter", "si_qa_english_french"],
+      ["si_qa_capitalize_last_letter"])
+  v = o["held_out"]["si_qa_capitalize_last_letter"]
+  assert (v["rows"], v["input_seen"], v["pair_seen"]) == (3, 2, 1)
+  assert v["by_task"] == {"si_qa_capitalize_first_letter": 2,
+                          "si_qa_english_french": 1}
+  assert o["held_in"] == {
+      "si_qa_capitalize_first_letter|si_qa_english_french": 1}
+  first = pg.si_tasks.file_overlaps(
+      tmp_path, ["si_qa_capitalize_first_letter"],
+      ["si_qa_capitalize_last_letter"], held_out_rows=1)
+  assert first["held_out"]["si_qa_capitalize_last_letter"]["rows"] == 1

@@ -10,9 +10,10 @@ Several files (e.g. the PHATGOOSE rows and the merging rows of one expert
 library) are combined row by row; they must hold the same tasks, and every
 row must have scored the same examples of each task, so paired differences
 are meaningful: checked on the ids the experiment records per row and task
-('example_ids', crc32 of each example's text), and refused naming the task
-and the files when they differ. Files written before the ids were recorded
-are checked on example counts only (a note says so).
+('example_ids', crc32 of each example's text). A row that scored other
+examples is shown in a table of its own, with the task and the reason, and
+left out of every paired difference. Files written before the ids were
+recorded are checked on example counts only (a note says so).
 """
 import json
 import sys
@@ -41,31 +42,49 @@ for path, out in zip(args, outs):
 rows = list(scores)
 ref = rows[0]
 tasks = [t for ts in groups.values() for t in ts]
-for r in rows:
-  for t in tasks:
-    if len(correct[r][t]) != len(correct[ref][t]):
-      sys.exit(f"row {r} ({source[r]}): {len(correct[r][t])} examples of "
-               f"{t}, {ref} ({source[ref]}) has {len(correct[ref][t])}; "
-               "not comparable")
 with_ids = [r for r in rows if ids[r]]
 if len(with_ids) < len(rows):
   old = sorted({source[r] for r in rows if not ids[r]})
   print(f"note: {', '.join(old)}: no example ids (written before they were "
         "recorded); only example counts were checked", file=sys.stderr)
-for r in with_ids:
+id_ref = with_ids[0] if with_ids else None
+
+
+def other_examples(r):
+  """Why row r did not score the reference row's examples ('' if it did)."""
   for t in tasks:
-    if ids[r].get(t) != ids[with_ids[0]].get(t):
-      sys.exit(f"task {t}: row {r} ({source[r]}) scored other examples than "
-               f"row {with_ids[0]} ({source[with_ids[0]]}); not comparable")
+    if len(correct[r][t]) != len(correct[ref][t]):
+      return (f"{len(correct[r][t])} examples of {t}, {ref} has "
+              f"{len(correct[ref][t])}")
+    if ids[r] and id_ref and ids[r].get(t) != ids[id_ref].get(t):
+      return f"other examples of {t} than {id_ref}"
+  return ""
+
+
+# A row that scored other examples (e.g. MHR-z on rows its allocation was
+# not fitted on) is shown apart and never paired.
+unpaired = {r: other_examples(r) for r in rows if other_examples(r)}
 cols = list(groups)
-print("| row | " + " | ".join(cols) + f" | {mean} mean |")
-print("|---|" + "---|" * (len(cols) + 1))
-for r in rows:
-  s = scores[r]
-  cells = [f"{s[c][0]:.3f} [{s[c][1]:.2f}, {s[c][2]:.2f}]" for c in cols]
-  m = s[mean]
-  print(f"| {r} | " + " | ".join(cells)
-        + f" | **{m[0]:.3f}** [{m[1]:.3f}, {m[2]:.3f}] |")
+
+
+def print_rows(names):
+  print("| row | " + " | ".join(cols) + f" | {mean} mean |")
+  print("|---|" + "---|" * (len(cols) + 1))
+  for r in names:
+    s = scores[r]
+    cells = [f"{s[c][0]:.3f} [{s[c][1]:.2f}, {s[c][2]:.2f}]" for c in cols]
+    m = s[mean]
+    print(f"| {r} | " + " | ".join(cells)
+          + f" | **{m[0]:.3f}** [{m[1]:.3f}, {m[2]:.3f}] |")
+
+
+print_rows([r for r in rows if r not in unpaired])
+if unpaired:
+  print("\nrows scored on other examples (not paired with the rows above):")
+  for r, why in unpaired.items():
+    print(f"  {r} ({source[r]}): {why}")
+  print_rows(list(unpaired))
+rows = [r for r in rows if r not in unpaired]
 n_ex = {t: len(correct[ref][t]) for ts in groups.values() for t in ts}
 print("\nexamples per template:", sorted(set(n_ex.values())), "tasks:", len(n_ex))
 
@@ -104,3 +123,26 @@ for base in baselines:
     if r != base:
       d, lo, hi = paired(r, base)
       print(f"  {r} - {base}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
+
+# Routing diagnostics of the Soft Injection skills (configs :skills): per
+# held-out task, the share of routed slots on experts of its own family
+# (prompt tokens only), against the share by chance.
+for r, diag in outs[0].get("diagnostics", {}).items():
+  shares = {t: d for t, d in diag.items()
+            if isinstance(d, dict) and "family_share" in d}
+  if shares:
+    print(f"\n{r}: routed slots on the task's own family (prompts only)")
+    print("| held-out task | family | experts of the family | share | chance |")
+    print("|---|---|---|---|---|")
+    for t, d in shares.items():
+      print(f"| {t} | {d['family']} | {len(d['family_experts'])} | "
+            f"{d['family_share']:.3f} | {d['family_chance']:.3f} |")
+overlaps = outs[0].get("diagnostics", {}).get("overlaps")
+if overlaps:
+  print("\nheld-out test rows scored vs the held-in train files")
+  print("| held-out task | rows | input in a held-in train file | "
+        "same input and output |")
+  print("|---|---|---|---|")
+  for t, v in overlaps["held_out"].items():
+    print(f"| {t} | {v['rows']} | {v['input_seen']} | {v['pair_seen']} |")

@@ -46,8 +46,14 @@ package only builds them. Public API:
       function of the seed; it skips s batches, costing their preprocessing).
       Sharding: seqio.ShardInfo(shard_index, num_shards) per process; shards
       are disjoint and together cover each epoch. Options: on_too_long=
-      'truncate' (seqio's trim keeping EOS) | 'error' (ValueError naming the
-      task and the example); split='train'; shuffle=True; num_epochs=None.
+      'truncate' (`fit_row`, as evaluation cuts rows: a prompt keeps its end,
+      a target its start; decoder rows share Li + Lt) | 'error' (ValueError
+      naming the task and the example); split='train'; shuffle=True;
+      num_epochs=None; trim_to=0 (> 0: each unpacked batch cut to its
+      longest row rounded up to this multiple, `trim_batch`).
+  fit_row(input_ids, target_ids, model_kind, feature_lengths) -> (inp, tgt,
+      cut); count_truncated(mixture_or_task, vocab, feature_lengths,
+      model_kind, split='train', max_rows=None) -> (rows cut, rows read).
   model_inputs(batch, model_kind) -> model keyword args (HF names: input_ids,
       attention_mask, decoder_input_ids, decoder_attention_mask, segment ids,
       positions) for mtjax.models; targets and weights stay in the batch.
@@ -152,6 +158,22 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
       mixture_or_task, vocab, feature_lengths, batch_size, model_kind, seed,
       start_step=start_step, shard_index=shard_index, num_shards=num_shards,
       pack=pack, **options)
+
+
+def fit_row(inp: list, tgt: list, kind: str, lengths: Mapping[str, int]
+            ) -> tuple:
+  """(inputs, targets) ids cut as training and evaluation cut them."""
+  return pipeline.fit_row(inp, tgt, kind, lengths)
+
+
+def count_truncated(mixture_or_task: str, vocab,
+                    feature_lengths: Mapping[str, int], model_kind: str,
+                    split: str = "train", max_rows: Optional[int] = None
+                    ) -> tuple:
+  """(rows train_batches truncates, rows read) of a task's or mixture's
+  split (see pipeline.count_truncated)."""
+  return pipeline.count_truncated(mixture_or_task, vocab, feature_lengths,
+                                  model_kind, split, max_rows)
 
 
 def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:

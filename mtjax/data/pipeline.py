@@ -81,7 +81,9 @@ def feature_converter(model_kind: str, pack: bool) -> seqio.FeatureConverter:
   if model_kind == "encoder_decoder":
     return EncDecWithTaskIds(pack=pack)
   if model_kind == "decoder":
-    return PrefixLMWithTaskIds(pack=pack, loss_on_targets_only=True)
+    # No per-feature length check: rows share the budget Li + Lt (`fit_row`).
+    return PrefixLMWithTaskIds(pack=pack, loss_on_targets_only=True,
+                               apply_length_check=False)
   raise ValueError(f"model_kind must be 'encoder_decoder' or 'decoder', got "
                    f"{model_kind!r}")
 
@@ -111,11 +113,14 @@ class Batches:
   """Iterator of numpy batches; .task_names lists what task_index indexes."""
 
   def __init__(self, dataset: tf.data.Dataset, task_names: List[str],
-               unshift_pad: Optional[int] = None):
+               unshift_pad: Optional[int] = None, trim_to: int = 0):
     """unshift_pad: the dataset holds ids + 1 (see `_shift`); emit real ids
-    with this pad id, and the masks that say which slots are tokens."""
+    with this pad id, and the masks that say which slots are tokens.
+    trim_to: > 0 cuts each batch's sequence axes to its longest row rounded
+    up to this multiple (`trim_batch`)."""
     self.task_names = task_names
     self._unshift_pad = unshift_pad
+    self._trim_to = trim_to
     self.dataset = dataset
     ids = np.array([tasks_lib.task_id(tasks_lib.plain_name(n))
                     for n in task_names])
@@ -143,7 +148,48 @@ class Batches:
     batch["task_index"] = token_index[np.arange(len(ids)), first]
     if self._unshift_pad is not None:
       batch = unshift(batch, self._unshift_pad)
+    if self._trim_to:
+      batch = trim_batch(batch, self._trim_to)
     return batch
+
+
+def trim_batch(batch: Dict[str, np.ndarray], multiple: int
+               ) -> Dict[str, np.ndarray]:
+  """An unpacked batch cut to its longest row, rounded up to `multiple`.
+
+  Only padding is removed, so every loss and gradient is the one of the full
+  batch; a batch of short rows stops paying for the configured length (the
+  step compiles once per width). Real slots: the prompt
+  ('decoder_causal_attention') and targets ('decoder_loss_weights') of
+  decoder rows; encoder-decoder rows cut 'encoder_*' at the last encoder
+  token and 'decoder_*' at the last loss weight. Packed batches (full rows)
+  are returned as they are.
+  """
+  if "decoder_segment_ids" in batch:
+    return batch
+  up = lambda n: -(-max(int(n), 1) // multiple) * multiple
+
+  def last(mask):   # (B, L) -> slots up to the last nonzero one of any row
+    cols = np.nonzero(np.asarray(mask).any(0))[0]
+    return cols[-1] + 1 if cols.size else 1
+
+  out = dict(batch)
+  if "encoder_input_tokens" in batch:
+    enc = up(last(batch["encoder_input_tokens"] != 0))
+    dec = up(last(batch["decoder_loss_weights"]))
+    for k, v in batch.items():
+      if k.startswith("encoder_") and v.ndim == 2:
+        out[k] = v[:, :enc]
+      elif (k.startswith("decoder_") or k == "token_task_index") and (
+          v.ndim == 2):
+        out[k] = v[:, :dec]
+    return out
+  width = up(last(np.maximum(batch["decoder_causal_attention"],
+                             batch["decoder_loss_weights"])))
+  for k, v in batch.items():
+    if v.ndim == 2 and v.shape[1] == batch["decoder_loss_weights"].shape[1]:
+      out[k] = v[:, :width]
+  return out
 
 
 _TOKEN_KEYS = ("decoder_input_tokens", "decoder_target_tokens")
@@ -197,6 +243,62 @@ def _check_lengths(lengths, id_to_name):
   return fn
 
 
+def fit_row(inp: list, tgt: list, kind: str, lengths: Mapping[str, int]
+            ) -> tuple:
+  """(inputs, targets) ids cut to the configured lengths -> (inp, tgt, cut).
+
+  Prompts lose their *start* (left truncation, as lm-eval does: the end of a
+  prompt is next to the answer); targets keep their start. Decoder-only rows
+  share one budget Li + Lt, so a short answer leaves room for a long prompt.
+  Training (`train_batches`) and evaluation cut rows alike.
+  cut: whether anything was removed.
+  """
+  li, lt = lengths["inputs"], lengths["targets"]
+  inp, tgt = list(inp), list(tgt)
+  if kind == "encoder_decoder":
+    new_inp, new_tgt = inp[max(0, len(inp) - li):], tgt[:lt]
+  else:
+    new_tgt = tgt[:li + lt]
+    room = li + lt - len(new_tgt)
+    new_inp = inp[max(0, len(inp) - room):] if room else []
+  return new_inp, new_tgt, (len(new_inp), len(new_tgt)) != (len(inp), len(tgt))
+
+
+def _fit_rows(lengths, model_kind):
+  """`fit_row` on tf.data rows (its 'task_ids' follow the targets)."""
+  li, lt = lengths["inputs"], lengths["targets"]
+
+  def fn(ex):
+    inp, tgt = ex["inputs"], ex["targets"]
+    if model_kind == "encoder_decoder":
+      tgt = tgt[:lt]
+      keep = tf.minimum(tf.size(inp), li)
+    else:
+      tgt = tgt[:li + lt]
+      keep = tf.minimum(tf.size(inp), li + lt - tf.size(tgt))
+    return dict(ex, inputs=inp[tf.size(inp) - keep:], targets=tgt,
+                **{_TASK_IDS: ex[_TASK_IDS][:tf.size(tgt)]})
+  return fn
+
+
+def count_truncated(mixture_or_task: str, vocab,
+                    feature_lengths: Mapping[str, int], model_kind: str,
+                    split: str = "train", max_rows: Optional[int] = None
+                    ) -> tuple:
+  """(rows `fit_row` cuts, rows read) over the split of a task or of every
+  task of a mixture (the first max_rows of each): what `train_batches`
+  truncates, for the training log."""
+  lengths = {"inputs": int(feature_lengths["inputs"]),
+             "targets": int(feature_lengths["targets"])}
+  cut = total = 0
+  for name in task_names(mixture_or_task, vocab):
+    for ex in eval_examples(name, vocab, split, max_rows):
+      cut += fit_row(ex["input_ids"], ex["target_ids"], model_kind,
+                     lengths)[2]
+      total += 1
+  return cut, total
+
+
 def task_names(mixture_or_task: str, vocab) -> List[str]:
   """seqio names of the tasks that a batch's task_index refers to."""
   provider = resolve(mixture_or_task, vocab)
@@ -210,8 +312,8 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
                   start_step: int = 0, shard_index: int = 0,
                   num_shards: int = 1, pack: bool = False,
                   on_too_long: str = "truncate", split: str = "train",
-                  shuffle: bool = True, num_epochs: Optional[int] = None
-                  ) -> Batches:
+                  shuffle: bool = True, num_epochs: Optional[int] = None,
+                  trim_to: int = 0) -> Batches:
   """Batches of a task or mixture for one process (see mtjax.data)."""
   if on_too_long not in ("truncate", "error"):
     raise ValueError(f"on_too_long must be 'truncate' or 'error', got "
@@ -229,10 +331,12 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
   kwargs = dict(split=split, shuffle=shuffle, seed=seed,
                 shard_info=seqio.ShardInfo(shard_index, num_shards),
                 num_epochs=num_epochs)
+  # Untrimmed rows (seqio would keep a long prompt's start); `_fit_rows` cuts
+  # them as evaluation does.
   if isinstance(provider, seqio.Mixture):
-    ds = provider.get_dataset(lengths, passthrough_features=extra, **kwargs)
+    ds = provider.get_dataset(None, passthrough_features=extra, **kwargs)
   else:
-    ds = provider.get_dataset(lengths, **kwargs)
+    ds = provider.get_dataset(None, **kwargs)
   if on_too_long == "error":
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant([tasks_lib.task_id(tasks_lib.plain_name(n))
@@ -240,6 +344,7 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
         tf.constant(task_names)), default_value="?")
     ds = ds.map(_check_lengths(lengths, table))
   ds = ds.map(lambda ex: {k: ex[k] for k in keep})
+  ds = ds.map(_fit_rows(lengths, model_kind))
   shift = model_kind == "decoder" and tasks_lib.vocab_lib.shifts_ids(vocab)
   if shift:
     ds = ds.map(_shift)
@@ -247,7 +352,8 @@ def train_batches(mixture_or_task: str, vocab, feature_lengths: Mapping[str, int
       ds, task_feature_lengths={**lengths, _TASK_IDS: lengths["targets"]})
   ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
   return Batches(ds, task_names, unshift_pad=(
-      tasks_lib.vocab_lib.pad_token_id(vocab) if shift else None))
+      tasks_lib.vocab_lib.pad_token_id(vocab) if shift else None),
+                 trim_to=trim_to)
 
 
 def model_inputs(batch: Mapping[str, Any], model_kind: str) -> Dict[str, Any]:

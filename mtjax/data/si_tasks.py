@@ -25,6 +25,8 @@ operations, word-choice rules, category choice, entity facts, lexical
 relations, sequences, NER extraction, classification/QA), for protocols that
 hold out a task while keeping its relatives.
 """
+import json
+import pathlib
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -222,3 +224,58 @@ class ExactMatch:
     hits = [self.match(p, t) for p, t in zip(predictions, targets,
                                              strict=True)]
     return {"si_exact_match": float(np.mean(hits)) if hits else 0.0}
+
+
+FILES = {"train": "train.json", "validation": "valid.json",
+         "test": "test.json"}
+
+
+def folder_of(si_dir, dataset: str) -> str:
+  """'si_qa_country_capital' -> 'country-capital' (the folder in si_dir)."""
+  for folder in sorted(pathlib.Path(si_dir).iterdir()):
+    if dataset_name(folder.name) == dataset:
+      return folder.name
+  raise KeyError(f"no Soft Injection task folder for {dataset!r} in {si_dir}")
+
+
+def rows_of(si_dir, folder: str, split: str,
+            max_rows: Optional[int] = None) -> List[dict]:
+  """The {'input', 'output'} rows of a split file, in file order."""
+  with open(pathlib.Path(si_dir) / folder / FILES[split]) as f:
+    return json.load(f)[:max_rows]
+
+
+def file_overlaps(si_dir, held_in: Sequence[str], held_out: Sequence[str],
+                  held_out_rows: Optional[int] = None) -> dict:
+  """What the held-out test rows share with the held-in train files.
+
+  held_in / held_out: dataset names ('si_qa_...'); held_out_rows: the first
+  rows of each test file that are scored. Inputs compare stripped and
+  lower-cased, outputs as written (case is the answer of the capitalize*/
+  lowercase* tasks). Returns {'held_out': {dataset: {'rows', 'input_seen' (test
+  inputs found in some held-in train file), 'pair_seen' (the same input with
+  the same output), 'by_task' {held-in dataset: inputs found there}}},
+  'held_in': {'a|b': inputs shared by the train files of a and b}}.
+  """
+  key = lambda r: _text(r["input"]).lower()
+  pair = lambda r: (key(r), _text(r["output"]))
+  train = {d: rows_of(si_dir, folder_of(si_dir, d), "train") for d in held_in}
+  inputs = {d: {key(r) for r in rows} for d, rows in train.items()}
+  pairs = {d: {pair(r) for r in rows} for d, rows in train.items()}
+  out = {"held_out": {}, "held_in": {}}
+  for d in held_out:
+    test = rows_of(si_dir, folder_of(si_dir, d), "test", held_out_rows)
+    by_task = {h: sum(key(r) in inputs[h] for r in test) for h in held_in}
+    out["held_out"][d] = {
+        "rows": len(test),
+        "input_seen": sum(any(key(r) in inputs[h] for h in held_in)
+                          for r in test),
+        "pair_seen": sum(any(pair(r) in pairs[h] for h in held_in)
+                         for r in test),
+        "by_task": {h: n for h, n in by_task.items() if n}}
+  for i, a in enumerate(held_in):
+    for b in held_in[i + 1:]:
+      shared = len(inputs[a] & inputs[b])
+      if shared:
+        out["held_in"][f"{a}|{b}"] = shared
+  return out

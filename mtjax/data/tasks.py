@@ -383,6 +383,13 @@ def in_derived_split(split: str, line: int) -> bool:
   return test if split == "val_test" else not test
 
 
+def splits_share_rows(a: str, b: str) -> bool:
+  """Whether two split names can hold the same rows of a file task: the
+  same split, or 'validation' and one of DERIVED_SPLITS (cut from it)."""
+  pair = {a, b}
+  return a == b or ("validation" in pair and bool(pair & set(DERIVED_SPLITS)))
+
+
 def splits_of(task: "FileTask") -> List[str]:
   """The task's file splits, plus DERIVED_SPLITS when it has 'validation'."""
   splits = [s for s, _ in task.files]

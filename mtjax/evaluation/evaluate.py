@@ -41,28 +41,14 @@ Method = Any  # a method object (mtjax.methods / mtjax.routing)
 Model = Any  # a flax linen module (mtjax.models)
 
 
+# Decoder batches of evaluation are cut to their longest row, rounded up to
+# this many slots (a few shapes compile; short rows skip the padding).
+PROMPT_BUCKET = 32
+
+
 def _pad(ids, length, pad_id=0):
   ids = list(ids)[:length]
   return ids + [pad_id] * (length - len(ids))
-
-
-def fit_row(inp, tgt, kind, lengths):
-  """(inputs, targets) cut to the configured lengths -> (inp, tgt, cut).
-
-  Prompts lose their *start* (left truncation, as lm-eval does: the end of a
-  prompt is next to the answer); targets keep their start. Decoder-only rows
-  share one budget Li + Lt, so a short answer leaves room for a long prompt.
-  cut: whether anything was removed (counted as 'truncated' in results).
-  """
-  li, lt = lengths["inputs"], lengths["targets"]
-  inp, tgt = list(inp), list(tgt)
-  if kind == "encoder_decoder":
-    new_inp, new_tgt = inp[max(0, len(inp) - li):], tgt[:lt]
-  else:
-    new_tgt = tgt[:li + lt]
-    room = li + lt - len(new_tgt)
-    new_inp = inp[max(0, len(inp) - room):] if room else []
-  return new_inp, new_tgt, (len(new_inp), len(new_tgt)) != (len(inp), len(tgt))
 
 
 def score_rows(rows, kind, lengths, pad_id=0, lm=False):
@@ -76,7 +62,7 @@ def score_rows(rows, kind, lengths, pad_id=0, lm=False):
   out of the decoder mask, so the model reads exactly the prompt's tokens.
   """
   li, lt = lengths["inputs"], lengths["targets"]
-  rows = [fit_row(i, t, kind, lengths)[:2] for i, t in rows]
+  rows = [data.fit_row(i, t, kind, lengths)[:2] for i, t in rows]
   if kind == "encoder_decoder":
     tgt = np.array([_pad(t, lt, pad_id) for _, t in rows], np.int32)
     dec_mask = np.array([_pad([1] * len(t), lt) for _, t in rows], np.int32)
@@ -156,10 +142,10 @@ def score_choices(scorer, model, params, examples, lengths, batch_size, mesh,
     for ids in ex["choice_ids"]:
       rows.append((ex["input_ids"], ids))
       owner.append(e)
-      cut[e] |= fit_row(ex["input_ids"], ids, kind, lengths)[2]
+      cut[e] |= data.fit_row(ex["input_ids"], ids, kind, lengths)[2]
   # Decoder rows are scored shortest first, each batch padded only to its
-  # longest row (rounded up to 64, at most Li + Lt): a few shapes compile,
-  # and short rows stop paying for the longest prompt of the task.
+  # longest row (rounded up to PROMPT_BUCKET, at most Li + Lt): a few shapes
+  # compile, and short rows stop paying for the longest prompt of the task.
   order = np.arange(len(rows))
   if kind == "decoder":
     order = np.argsort([len(i) + len(t) for i, t in rows], kind="stable")
@@ -170,7 +156,8 @@ def score_choices(scorer, model, params, examples, lengths, batch_size, mesh,
     if kind == "decoder":
       cap = lengths["inputs"] + lengths["targets"]
       longest = max(len(i) + len(t) for i, t in chunk[:n])
-      chunk_lengths = {"inputs": min(cap, -(-longest // 64) * 64),
+      chunk_lengths = {"inputs": min(cap, -(-longest // PROMPT_BUCKET)
+                                       * PROMPT_BUCKET),
                        "targets": 0}
       if chunk_lengths["inputs"] == cap:
         chunk_lengths = lengths
@@ -423,16 +410,30 @@ def generate_rows(greedy, model, params, input_ids, lengths, max_new,
   pad_id, lm: the batch layout of `generation_batch` (as in `score_rows`).
   """
   kind = trainer.model_kind(model)
-  outputs = []
-  rows = [(ids, []) for ids in input_ids]
+  # Decoder prompts go shortest first, each batch's buffer cut to its longest
+  # prompt (rounded up to PROMPT_BUCKET, at most Li): a few shapes compile,
+  # and a batch of short prompts stops paying for Li slots.
+  order = np.arange(len(input_ids))
+  if kind == "decoder":
+    order = np.argsort([len(i) for i in input_ids], kind="stable")
+  outputs = [None] * len(input_ids)
+  rows = [(input_ids[k], []) for k in order]
+  done = 0
   for chunk, n in _batches(rows, batch_size, mesh):
-    feats, start = generation_batch([i for i, _ in chunk], kind, lengths,
-                                    max_new, pad_id=pad_id, lm=lm)
+    chunk_lengths = lengths
+    if kind == "decoder":
+      longest = max(len(i) for i, _ in chunk[:n])
+      chunk_lengths = dict(lengths, inputs=min(
+          lengths["inputs"], -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET))
+    feats, start = generation_batch([i for i, _ in chunk], kind,
+                                    chunk_lengths, max_new, pad_id=pad_id,
+                                    lm=lm)
     batch = trainer.put_global_batch(feats, mesh)
     start = trainer.put_global_batch({"s": start}, mesh)["s"]
     ids = np.asarray(fetch(greedy(params, batch, start)))[:n]
-    for row in ids.tolist():
-      outputs.append(row[:row.index(eos_id)] if eos_id in row else row)
+    for k, row in zip(order[done:done + n], ids.tolist(), strict=True):
+      outputs[k] = row[:row.index(eos_id)] if eos_id in row else row
+    done += n
   return outputs
 
 

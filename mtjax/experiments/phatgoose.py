@@ -13,8 +13,8 @@ Muqeeth et al. 2024 (arXiv:2402.05859); configs/phatgoose.py describes the run.
 
 What runs an entry, looked up by its kind:
   1. a function registered in `STEPS` here (base, multitask, oracle,
-     task_gate, task_avg, retrieval, poly, mhr, mhr_mu, mhr_z, the
-     token-level routers below, and 'merge': a merge of the library's
+     task_gate, phatgoose_task_avg, avg_activation, retrieval, poly, mhr,
+     mhr_mu, mhr_z, the token-level routers below, and 'merge': a merge of the library's
      experts from mtjax.merging, static or learned, `merge_step`);
   2. else a router in mtjax.routing.ROUTERS that needs no training: the
      library's routed params, evaluated (options: top_k, impl);
@@ -27,7 +27,7 @@ import dataclasses
 import json
 import time
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class Run:
   mesh: object
   kind: str
   rng: jax.Array
-  lengths: dict
+  lengths: dict       # training feature lengths (config.data)
   held_in: list     # evaluation tasks of the held-in datasets
   held_out: list    # evaluation tasks of the held-out datasets
   lora: object
@@ -87,6 +87,11 @@ class Run:
   # (index, count) of the training stream this process reads
   # (distributed.data_shard of config.data.shard_by).
   shard: tuple = (0, 1)
+  # {(training source, split): its feature lengths} (`train_lengths`).
+  train_lengths: dict = dataclasses.field(default_factory=dict)
+  # Evaluation lengths: config.eval.inputs_length / targets_length where set
+  # (a task's longest prompt may exceed what training needs), else `lengths`.
+  eval_lengths: dict = None
 
   @property
   def put(self):
@@ -163,6 +168,9 @@ def setup(config) -> Run:
             lora=lora_lib.LoRA(rank=config.expert.rank,
                                alpha=config.expert.alpha,
                                targets=tuple(config.expert.targets)))
+  run.eval_lengths = {
+      k: config.eval.get(f"{k}_length", None) or run.lengths[k]
+      for k in ("inputs", "targets")}
   if len(set(run.tasks)) != len(run.tasks):
     raise ValueError("config.held_in and config.held_out share tasks: "
                      f"{sorted(set(run.held_in) & set(run.held_out))}")
@@ -229,17 +237,35 @@ def train_source(run: Run, name: str) -> str:
       {run.reg.seqio_name(t): r for t, r in members.items()})
 
 
-def batches(run: Run, name: str, seed: int):
-  """Training batches (config.train_split) of a task, a dataset or the
-  held-in mixture (`train_source`); .task_names are seqio task names.
+def batches(run: Run, name: str, seed: int, split: Optional[str] = None):
+  """Training batches (`split`, default config.train_split) of a task, a
+  dataset or the held-in mixture (`train_source`); .task_names are seqio
+  task names. config.trim_batches > 0 cuts each batch to its longest row,
+  rounded up to that many tokens (`data.trim_batch`: only padding goes).
 
   This process's rows: batch_size / count rows of its shard `run.shard`
   (one shard: the whole batch); place them with `run.put`."""
   index, count = run.shard
-  return data.train_batches(train_source(run, name), run.vocab, run.lengths,
+  source = train_source(run, name)
+  split = split or run.config.get("train_split", "train")
+  return data.train_batches(source, run.vocab,
+                            train_lengths(run, source, split),
                             run.config.batch_size // count, run.kind,
                             seed=seed, shard_index=index, num_shards=count,
-                            split=run.config.get("train_split", "train"))
+                            split=split,
+                            trim_to=run.config.get("trim_batches", 0))
+
+
+def train_lengths(run: Run, source: str, split: str) -> dict:
+  """run.lengths, the source's truncated training rows logged once: rows
+  too long lose their prompt's start (`data.fit_row`, as in evaluation)."""
+  if (source, split) not in run.train_lengths:
+    cut, total = data.count_truncated(source, run.vocab, run.lengths,
+                                      run.kind, split=split)
+    run.log(f"train rows of {source} ({split}): {cut}/{total} truncated to "
+            f"{run.lengths} (prompts keep their end)")
+    run.train_lengths[source, split] = dict(run.lengths)
+  return run.train_lengths[source, split]
 
 
 def mixture(run: Run, seed: int) -> tuple:
@@ -313,7 +339,7 @@ def eval_fns(run: Run, method) -> dict:
 
 def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
                     tasks: list, fns: Optional[dict] = None,
-                    split: Optional[str] = None,
+                    split: Union[str, Callable[[str], str], None] = None,
                     max_examples: Optional[int] = None) -> dict:
   """{task: metrics} with one compiled scorer/greedy for all tasks; each
   task's per-example correctness goes to run.correct[name], the ids of the
@@ -321,20 +347,22 @@ def evaluate_method(run: Run, name: str, method, params_for_task: Callable,
 
   The split is `run.split_of(task)` and the example count config.eval's
   (config.held_in_examples for held-in tasks, when set), unless `split` /
-  `max_examples` are given (model selection on a validation split)."""
+  `max_examples` are given (model selection on a validation split; `split`
+  may be a function of the task)."""
   fns = fns or eval_fns(run, method)
   res, correct = {}, run.correct.setdefault(name, {})
   ids = run.example_ids.setdefault(name, {})
   for task in tasks:
     cfg = run.config.eval.copy_and_resolve_references()
-    cfg.split = split or run.split_of(task)
+    cfg.split = (split(task) if callable(split) else split
+                 ) or run.split_of(task)
     if max_examples:
       cfg.max_examples = max_examples
     elif task in run.held_in and run.config.get("held_in_examples"):
       cfg.max_examples = run.config.held_in_examples
     res[task], correct[task] = evaluate.evaluate_task(
         fns, run.model, params_for_task(task), task, run.vocab, cfg,
-        run.lengths, run.mesh, return_correct=True)
+        run.eval_lengths, run.mesh, return_correct=True)
     ids[task] = example_ids(data.eval_examples(
         task, run.vocab, split=cfg.split,
         max_examples=cfg.get("max_examples") or None))   # evaluate_task's
@@ -380,8 +408,14 @@ def input_batches(run: Run, examples: list, prompts_only: bool = False,
   out = []
   for start in range(0, len(rows), bs):
     chunk = rows[start:start + bs]
-    chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed shape, one compile
-    batch = evaluate.score_rows(chunk, run.kind, run.lengths,
+    chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed batch size
+    lengths = run.eval_lengths
+    if run.kind == "decoder":   # cut to the longest row (few shapes compile)
+      cap, step = sum(lengths.values()), evaluate.PROMPT_BUCKET
+      longest = max(len(i) + len(t) for i, t in chunk)
+      lengths = {"inputs": min(cap, -(-longest // step) * step),
+                 "targets": 0}
+    batch = evaluate.score_rows(chunk, run.kind, lengths,
                                 pad_id=data.pad_token_id(run.vocab),
                                 lm=data.lm_format(run.vocab))
     if prompts_only and run.kind == "encoder_decoder":
@@ -495,14 +529,25 @@ def save_choices(run: Run, recorder: Recorder, params_for_task: Callable,
                        run.config.diagnostics_examples)
     for mod in recs[0][0]:
       for key in ("idx", "w"):
-        arrays[f"{task}|{mod}|{key}"] = np.concatenate(
+        arrays[f"{task}|{mod}|{key}"] = concat_rows(
             [r[mod][key] for r, _ in recs])[:n]
-      arrays[f"{task}|{mod}|mask"] = np.concatenate(
+      arrays[f"{task}|{mod}|mask"] = concat_rows(
           [diag_lib.token_mask(mod, r[mod]["idx"].shape[:-1], i)
            for r, i in recs])[:n]
   if distributed.is_main_process():
     paths.savez(path, **arrays)
   return path
+
+
+def concat_rows(arrays: list) -> np.ndarray:
+  """Batches (B_i, L_i, ...) -> (sum B_i, max L_i, ...), zero-padded on the
+  token axis (`input_batches` cuts each batch to its longest row; the zero
+  mask marks the padding)."""
+  width = max(a.shape[1] for a in arrays) if arrays[0].ndim > 1 else None
+  if width is None:
+    return np.concatenate(arrays)
+  return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])]
+                                + [(0, 0)] * (a.ndim - 2)) for a in arrays])
 
 
 def composing_share(diag: dict, loads: dict, held_in: list,
@@ -685,10 +730,11 @@ def task_avg_weights(recorder: Recorder, params: dict, examples: list,
                                num_experts, top_k)
 
 
-@STEPS.register("task_avg")
+@STEPS.register("phatgoose_task_avg")
 def task_avg_step(run: Run, entry: dict) -> dict:
   """PHATGOOSE's routing averaged over a task's prompts (`task_avg_weights`):
-  one fixed top-k mixture per module and task."""
+  one fixed top-k mixture per module and task. Ours, not the paper's
+  "average activation" baseline (that is `avg_activation_step`)."""
   cfg, num_e = run.config, run.num_experts
   top_k = entry.get("top_k", cfg.top_k)
   scorer, scorer_params = routed(run, "phatgoose", dict(top_k=top_k))
@@ -701,6 +747,33 @@ def task_avg_step(run: Run, entry: dict) -> dict:
     w = task_avg_weights(recorder, scorer_params, exs, num_e, top_k)
     return routing.routed_params(run.base, run.stacked, router, weights=w)
   return evaluate_method(run, entry["name"], router, task_params,
+                         run.eval_tasks(entry["name"]))
+
+
+@STEPS.register("avg_activation")
+def avg_activation_step(run: Run, entry: dict) -> dict:
+  """The PHATGOOSE paper's "average activation" baseline: each expert's
+  router vector in a module is the mean input of that module over
+  entry['batches'] (default config.retrieval_batches) of the expert's own
+  training batches, the expert applied (rb.average_activations); tokens are
+  then routed per token, top-k, exactly as PHATGOOSE routes with its gates."""
+  cfg = run.config
+  n = entry.get("batches", cfg.retrieval_batches)
+  vectors = []
+  for i, (task, tree) in enumerate(zip(run.experts, expert_lora_trees(run),
+                                       strict=True)):
+    it = batches(run, task, cfg.seed + 6000 + i)
+    hosts = [run.put(data.model_inputs(next(it), run.kind), run.mesh)
+             for _ in range(n)]
+    vectors.append(rb.average_activations(run.model, run.base, run.lora,
+                                          tree, hosts))
+  router = routing.build_router("phatgoose", run.lora, **{
+      "top_k": cfg.top_k, "impl": cfg.impl, **options(entry, "batches")})
+  p = routing.routed_params(run.base, rb.with_gates(run.stacked, vectors),
+                            router)
+  run.log(f"[{entry['name']}] router vectors: mean module inputs over {n} "
+          "training batches per expert")
+  return evaluate_method(run, entry["name"], router, lambda t: p,
                          run.eval_tasks(entry["name"]))
 
 
@@ -772,10 +845,36 @@ def poly_step(run: Run, entry: dict) -> dict:
     fit_z = alloc_fitter(run, poly, params)
     params_for = lambda t: (rb.poly_eval_params(params, poly_own[t])
                             if t in poly_own else fit_z(t))
+    return evaluate_method(run, entry["name"], poly, params_for,
+                           run.eval_tasks(entry["name"]),
+                           split=lambda t: z_eval_split(run, t))
   else:
     params_for = lambda t: rb.poly_eval_params(params, poly_own.get(t))
   return evaluate_method(run, entry["name"], poly, params_for,
                          run.eval_tasks(entry["name"]))
+
+
+def z_eval_split(run: Run, task: str) -> str:
+  """The split MHR-z scores a task on: held-out tasks config.poly.z_eval_split
+  (when set), which must share no row with the split z is fitted on
+  (config.poly.z_split); held-in tasks as every row."""
+  split = run.split_of(task)
+  if task in run.held_in:
+    return split
+  split = run.config.poly.get("z_eval_split", None) or split
+  fit_split = z_fit_split(run)
+  if tasks_lib.splits_share_rows(fit_split, split):
+    raise ValueError(
+        f"mhr_z would fit its allocation for {task} on split {fit_split!r} "
+        f"and score it on {split!r}, which share rows; set "
+        "config.poly.z_split / z_eval_split to disjoint splits (e.g. "
+        "'val_train' / 'val_test', or 'train' / 'validation')")
+  return split
+
+
+def z_fit_split(run: Run) -> str:
+  return (run.config.poly.get("z_split", None)
+          or run.config.get("train_split", "train"))
 
 
 for _kind in ("poly", "mhr", "mhr_mu", "mhr_z"):
@@ -799,7 +898,9 @@ def alloc_fitter(run: Run, poly, params) -> Callable:
                       cfg.poly.z_steps, seed=cfg.seed, dropout=True)
 
   def fit_task(task):
-    return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000),
+    z_eval_split(run, task)   # refuses a split that shares the scored rows
+    return fitter.fit(flat, flat_sh, batches(run, task, cfg.seed + 9000,
+                                             split=z_fit_split(run)),
                       put=run.put)[0]
   return fit_task
 
@@ -1080,6 +1181,8 @@ def run(config, workdir: str) -> dict:
     paths.makedirs(workdir)
   r = setup(config)
   r.workdir = workdir
+  if config.get("families"):   # the Soft Injection tasks (configs :skills)
+    check_overlaps(r)
   with sharding.use_mesh(r.mesh):
     if reuse:
       library = ex.load_library(lib_dir, r.experts, base_params=r.base)
@@ -1100,6 +1203,22 @@ def run(config, workdir: str) -> dict:
     paths.remove(partial)
   report(r, text, errors)
   return out
+
+
+def check_overlaps(r: Run) -> None:
+  """What the scored held-out test rows share with the held-in train files
+  (si_tasks.file_overlaps), logged and kept in run.diagnostics['overlaps']:
+  a shared input with the same output would let an expert have seen the
+  answer."""
+  si_dir = paths.join(str(tasks_lib.default_data_dir()), "soft_injection_tasks")
+  o = si_tasks.file_overlaps(si_dir, r.experts, [
+      d for d in r.groups if d not in r.experts],
+                             r.config.eval.max_examples or None)
+  r.diagnostics["overlaps"] = o
+  for d, v in o["held_out"].items():
+    r.log(f"overlap {d}: of {v['rows']} scored test rows, {v['input_seen']} "
+          f"inputs appear in a held-in train file, {v['pair_seen']} with the "
+          "same output")
 
 
 def save_library(r: Run, library: dict, lib_dir: str) -> None:

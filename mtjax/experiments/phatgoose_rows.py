@@ -57,9 +57,9 @@ def icl_step(run: pg.Run, entry: dict) -> dict:
   prompt length; per-example results are stored under the zero-shot task,
   after checking that both score the same examples in the same order."""
   name, shots = entry["name"], entry.get("shots", 10)
-  lengths = dict(run.lengths, inputs=entry.get("inputs_length",
-                                               run.lengths["inputs"]))
-  long_run = dataclasses.replace(run, lengths=lengths)   # shares the results
+  lengths = dict(run.eval_lengths, inputs=entry.get(
+      "inputs_length", run.eval_lengths["inputs"]))
+  long_run = dataclasses.replace(run, eval_lengths=lengths)   # shares results
   tasks = run.eval_tasks(name)
   label = f"{name} (k-shot tasks)"
   res = pg.evaluate_method(long_run, label, FullFineTuning(),

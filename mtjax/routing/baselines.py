@@ -18,11 +18,17 @@ All but Poly/MHR reuse one stacked LoRA library and `routed.RoutedLoRA`:
               task's examples (`TaskGateRouting`); trained on the held-in
               mixture with the experts frozen. A held-out task has no learned
               row: it uses the mean of the held-in rows (zero-shot).
-  task_avg    task-level PHATGOOSE (Muqeeth et al. 2024, arXiv:2402.05859):
-              its per-token routing averaged over all tokens of a task's
-              unlabeled inputs (the prompts alone, never the gold targets),
-              then one fixed top-k mixture per module for the whole task
-              (`task_level_weights`).
+  avg_activation  the PHATGOOSE paper's "average activation" baseline
+              (Muqeeth et al. 2024, arXiv:2402.05859): each expert's router
+              vector in a module is the mean input of that module over the
+              expert's own training data (`average_activations`, the expert
+              applied, as when its gate is trained), then per-token top-k
+              routing exactly as PHATGOOSE's (its gates replaced).
+  phatgoose_task_avg  task-level PHATGOOSE (ours, not a paper baseline):
+              PHATGOOSE's per-token routing averaged over all tokens of a
+              task's unlabeled inputs (the prompts alone, never the gold
+              targets), then one fixed top-k mixture per module for the whole
+              task (`task_level_weights`).
   retrieval   per-example retrieval by example centroid (after Jang et al.
               2023, "Exploring the Benefits of Training Expert Language Models
               over Instruction Tuning", arXiv:2302.03202): the base model's
@@ -279,6 +285,64 @@ def centroids(model: Model, base: dict, batches: list) -> jax.Array:
       n += inp["input_ids"].shape[0]
     out.append(tot / max(n, 1))
   return jnp.stack(out)
+
+
+def _token_mask(inputs: dict, shape: tuple) -> jax.Array:
+  """(B, T) float mask of the real tokens a module call of `shape` reads:
+  the attention mask of the sequence of that length (T5: encoder or
+  decoder), all ones when none matches."""
+  for key in ("attention_mask", "decoder_attention_mask"):
+    m = inputs.get(key)
+    if m is not None and tuple(m.shape) == tuple(shape[:2]):
+      return m.astype(jnp.float32)
+  return jnp.ones(shape[:2], jnp.float32)
+
+
+def average_activations(model: Model, base: dict, lora: LoRAMethod,
+                        expert: dict, batches: list) -> dict:
+  """{module path: (d,)} mean input of every LoRA-adapted module over the
+  real tokens of `batches` (model-input dicts: the expert's training rows),
+  with the expert applied: its "average activation" router vector.
+
+  expert: the expert's single LoRA tree ({path: {'lora_a', 'lora_b'}}).
+  """
+  tree = nn.unbox(expert)
+
+  @jax.jit
+  def sums(inp):
+    out = {}
+
+    def hook(next_fun, x, leaf, ctx):
+      mask = _token_mask(inp, x.shape)
+      out[ctx.path] = ((x.astype(jnp.float32) * mask[..., None]).sum((0, 1)),
+                       mask.sum())
+      return lora.hook(next_fun, x, leaf, ctx)
+    icpt = transform.linear_interceptor(tree, hook)
+    transform.run(model, base, transform.model_kwargs(inp), [icpt])
+    return out
+
+  total = None
+  for inp in batches:
+    s = sums(inp)
+    total = s if total is None else jax.tree.map(jnp.add, total, s)
+  if total is None:
+    raise ValueError("average_activations needs at least one batch")
+  return {p: x / jnp.maximum(n, 1.0) for p, (x, n) in total.items()}
+
+
+def with_gates(stacked: dict, gates: list) -> dict:
+  """The stacked library with its 'gate' leaves (E, d) replaced by one
+  {module path: (d,)} per expert (e.g. `average_activations`)."""
+  flat = transform.flatten(stacked)
+  for key in [k for k in flat if k.endswith("/gate")]:
+    path = key[:-len("/gate")]
+    missing = [i for i, g in enumerate(gates) if path not in g]
+    if missing:
+      raise ValueError(f"router vectors of experts {missing} have no module "
+                       f"{path!r}")
+    flat[key] = jnp.stack([jnp.asarray(g[path], flat[key].dtype)
+                           for g in gates])
+  return transform.nest(flat)
 
 
 # ----------------------------------------------------------------- Poly/MHR
