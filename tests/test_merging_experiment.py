@@ -181,3 +181,31 @@ def test_merge_select_picks_the_best_validation_candidate(run):
     pg.step_for({"name": "x", "kind": "merge_select"})(
         run, {"name": "x", "kind": "merge_select",
               "merge": {"name": "ties"}})
+
+
+def test_oracle_chooses_on_validation_examples_and_scores_the_test_ones(run):
+  """oracle with select_examples: per held-out dataset, the expert with the
+  best score on that many config.valid_split examples, then scored on the
+  evaluation examples, exactly as that expert alone."""
+  with run.config.unlocked():
+    run.config.valid_split = "train"   # disjoint from the scored split
+  entry = {"name": "oracle_sel", "kind": "oracle", "select_examples": 8}
+  with sharding.use_mesh(run.mesh):
+    res = pg.run_entries(run, [entry])[0]["oracle_sel"]
+  diag = run.diagnostics["oracle_sel"]["add_compare"]
+  assert diag["selection"] == "validation"
+  assert set(diag["scores"]) == set(run.experts)
+  assert diag["chosen"] == max(run.experts, key=diag["scores"].get)
+  assert res["add_compare"]["expert"] == diag["chosen"]
+  e = run.experts.index(diag["chosen"])
+  router, _ = pg.routed(run, "fixed", {"top_k": 1},
+                        weights=np.ones(run.num_experts))
+  alone = pg.routing.routed_params(run.base, run.stacked, router,
+                                   weights=pg.rb.one_hot(e, run.num_experts))
+  with sharding.use_mesh(run.mesh):
+    pg.evaluate_method(run, "alone", router, lambda t: alone,
+                       ["add_compare"])
+  np.testing.assert_array_equal(run.correct["oracle_sel"]["add_compare"],
+                                run.correct["alone"]["add_compare"])
+  assert (run.example_ids["oracle_sel"]["add_compare"]
+          == run.example_ids["alone"]["add_compare"])

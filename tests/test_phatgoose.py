@@ -294,3 +294,34 @@ def test_avg_activation_routes_by_each_experts_mean_module_input(trained):
   for e, v in enumerate(vectors):
     idx, _, _ = router.route(np.asarray(v[path])[None], leaf, None, 1)
     assert int(idx[0, 0]) == e
+
+
+@pytest.mark.skipif(
+    not (pg.tasks_lib.default_data_dir() / "soft_injection_tasks").is_dir(),
+    reason="needs ../shared/data/soft_injection_tasks")
+def test_icl_row_scores_the_zero_shot_examples_with_demonstrations():
+  """The icl row (experiments.phatgoose_rows) prompts the base with k train
+  demonstrations, on exactly the zero-shot rows' examples: its results are
+  stored under the zero-shot task names and ids, with how many
+  demonstrations survive the prompt length."""
+  cfg = _config()
+  cfg.held_in, cfg.held_out = ("si_qa_prev_item",), ("si_qa_next_item",)
+  cfg.templates = 1
+  cfg.eval.split, cfg.held_in_split = "test", "test"
+  cfg.eval.max_examples = 4
+  run = pg.setup(cfg)
+  entry = dict(name="icl10", kind="icl", shots=10, inputs_length=96)
+  with sharding.use_mesh(run.mesh):
+    res = pg.step_for(entry)(run, entry)
+    base = pg.step_for({"name": "base"})(run, {"name": "base"})
+  assert set(res) == set(base) == {"si_qa_prev_item.inst",
+                                   "si_qa_next_item.inst"}
+  for t in res:
+    assert run.example_ids["icl10"][t] == run.example_ids["base"][t]
+    assert len(run.correct["icl10"][t]) == 4
+    stats = run.diagnostics["icl10"][t]
+    assert stats["examples"] == 4 and 0 < stats["mean_shots_kept"] < 10
+    assert stats["truncated"] == 4   # 10 demonstrations exceed 96 bytes
+  few = pg.data.eval_examples("si_qa_next_item.icl10", run.vocab,
+                              split="test", max_examples=4)
+  assert all(e["inputs"].count("Q:") == 11 for e in few)

@@ -659,8 +659,8 @@ def oracle_step(run: Run, entry: dict) -> dict:
   entry['select_examples'], on that many examples of config.valid_split
   (cheaper, and no selection bias in the scored examples)."""
   num_e, own, name = run.num_experts, run.own, entry["name"]
-  router, _ = routed(run, "fixed", dict(entry, top_k=1),
-                     weights=np.ones(num_e))
+  router, _ = routed(run, "fixed", dict(options(entry, "select_examples"),
+                                        top_k=1), weights=np.ones(num_e))
 
   def with_w(w):
     return routing.routed_params(run.base, run.stacked, router, weights=w)
@@ -681,6 +681,9 @@ def oracle_step(run: Run, entry: dict) -> dict:
                           lambda _, e=e: with_w(rb.one_hot(e, num_e)), tasks,
                           fns, **select)
       score = float(np.median([headline(r[t]) for t in tasks]))
+      run.diagnostics.setdefault(name, {}).setdefault(
+          d, {"selection": "validation" if select else "scored examples",
+              "scores": {}})["scores"][expert] = score
       kept = (run.correct.pop(label), run.example_ids.pop(label))
       if best is None or score > best[0]:
         best = (score, expert, r, *kept)
@@ -692,6 +695,7 @@ def oracle_step(run: Run, entry: dict) -> dict:
                           fns)
       best = (best[0], best[1], r, run.correct.pop(label),
               run.example_ids.pop(label))
+    run.diagnostics[name][d]["chosen"] = best[1]
     for t in tasks:
       res[t] = dict(best[2][t], expert=best[1])
       run.correct[name][t] = best[3][t]
