@@ -59,6 +59,21 @@ def test_paper_prompt_is_the_papers_string():
   assert sa.paper_prompt(demos, query) == (
       "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:")
   assert sa.paper_prompt([], query) == "Q: up\nA:"
+  # Numbers follow 'A:' without the space (the reference's digit rule).
+  assert sa.paper_prompt([{"inputs": "wolf", "targets": "4"}], query) == (
+      "Q: wolf\nA:4\n\nQ: up\nA:")
+
+
+@needs_gguf
+def test_numeric_targets_start_with_their_digit(smollm2_vocab):
+  """word_length's ' 4' would make SmolLM2's first target token a bare
+  space; the target is '4\n', so the fitted first token is the digit."""
+  v = smollm2_vocab
+  fmt = sa.paper_format(v, "word_length")
+  target = fmt.target({"inputs": "wolf", "targets": "4"})
+  assert v.decode(target[:1]) == "4" and v.decode(target) == "4\n"
+  assert v.decode(fmt.target({"inputs": "hot", "targets": "cold"})[:1]) == (
+      " cold"[:len(v.decode(v.encode(" cold")[:1]))])
 
 
 def test_paper_normalisation_follows_the_reference_eval():
@@ -95,16 +110,16 @@ def test_paper_format_on_smollm2_tokens(smollm2_vocab):
   assert v.decode(ids[len(bos):]) == "Q: hot\nA: cold\n\nQ: big\nA:"
   # The target continues after 'A:' with the space: ' small\n'.
   assert v.decode(fmt.target(query)) == " small\n"
-  # Every token containing a newline stops generation, merged ones too.
-  newline = v.encode("\n")
-  assert len(newline) == 1 and newline[0] in fmt.stop_ids
-  merged = [i for i in fmt.stop_ids if v.decode([i]) not in ("\n", "")]
+  # Only EOS stops generation; the answer is the first line of the stripped
+  # text, whatever token carries the '\n', a leading newline included.
+  assert fmt.stop_ids == (v.eos_id,)
+  merged = [i for i in range(v.vocab_size)
+            if "\n" in v.decode([i]) and v.decode([i]) != "\n"]
   assert merged, "SmolLM2 has tokens that merge '\\n' with other text"
-  assert v.eos_id in fmt.stop_ids
-  # The answer is the first generated line, whatever token carries the '\n'.
   gen = v.encode(" small") + [merged[0]] + v.encode("Q: x")
   assert fmt.answer(np.asarray(gen)) == "small"
   assert fmt.answer(np.asarray(v.encode(" small") + [v.eos_id, 0])) == "small"
+  assert fmt.answer(np.asarray(v.encode("\n small\nQ: x"))) == "small"
   assert fmt.correct(fmt.answer(np.asarray(gen)), query)
 
 

@@ -251,10 +251,19 @@ def as_format(fmt):
   return fmt if isinstance(fmt, PromptFormat) else byte_format(fmt)
 
 
+def answer_space(output: str) -> str:
+  """What separates 'A:' from an answer: a space, none before a number (the
+  reference code's rule for digit outputs, so a digit-splitting tokenizer's
+  first target token is the digit, not a bare space)."""
+  return "" if str(output).strip().lstrip("-").isdigit() else " "
+
+
 def paper_prompt(demos, query):
-  """The paper's prompt text: 'Q: {input}\\nA: {output}\\n\\n' per
-  demonstration, then 'Q: {input}\\nA:'."""
-  shots = "".join(f"Q: {d['inputs']}\nA: {d['targets']}\n\n" for d in demos)
+  """The paper's prompt text: 'Q: {input}\nA: {output}\n\n' per
+  demonstration ('A:{output}' for numbers, `answer_space`), then
+  'Q: {input}\nA:'."""
+  shots = "".join(f"Q: {d['inputs']}\nA:{answer_space(d['targets'])}"
+                  f"{d['targets']}\n\n" for d in demos)
   return shots + f"Q: {query['inputs']}\nA:"
 
 
@@ -275,44 +284,31 @@ def paper_match(output, target, task, prefix=True):
   return (out[:len(tgt)] if prefix else out) == tgt
 
 
-_NEWLINE_IDS = {}
-
-
-def newline_ids(vocab):
-  """Ids of every token whose text contains '\\n' (BPE merges '\\n' into
-  other tokens), cached per vocabulary."""
-  key = id(vocab)
-  if key not in _NEWLINE_IDS:
-    _NEWLINE_IDS[key] = tuple(i for i in range(vocab.vocab_size)
-                              if "\n" in vocab.decode([i]))
-  return _NEWLINE_IDS[key]
-
-
-def first_line(vocab, ids, stop_ids, eos_ids=()):
-  """Generated ids -> their text up to the first line end (cut at the first
-  stop token; an EOS token itself is not decoded), stripped."""
+def first_line(vocab, ids, eos_ids=()):
+  """Generated ids -> the reference's answer: the text up to EOS (not
+  decoded), stripped, then its first line (so an answer after a leading
+  newline counts)."""
   ids = [int(i) for i in ids]
-  stops = set(stop_ids)
-  cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
-  keep = ids[:cut] if cut == len(ids) or ids[cut] in eos_ids else ids[:cut + 1]
-  return vocab.decode(keep).split("\n")[0].strip()
+  cut = next((j for j, t in enumerate(ids) if t in set(eos_ids)), len(ids))
+  return vocab.decode(ids[:cut]).strip().split("\n")[0].strip()
 
 
 def paper_format(vocab, task, prefix=True):
   """The paper's format for a BPE vocabulary: the whole prompt string encoded
-  at once (after the BOS token if the vocabulary has one), the target ' y\\n'
-  (the space after 'A:' belongs to the answer's first token), generation
-  stopped at any token containing '\\n' or EOS, the first line scored by
-  `paper_match`."""
+  at once (after the BOS token if the vocabulary has one), the target ' y\n'
+  (the space after 'A:' belongs to the answer's first token; none before a
+  number, `answer_space`), generation stopped only at EOS (max_new_tokens
+  otherwise), the first line of the stripped text scored by `paper_match`,
+  as the reference code generates, strips, then cuts."""
   bos = [vocab.bos_id] if getattr(vocab, "bos_id", None) is not None else []
   eos = () if vocab.eos_id is None else (int(vocab.eos_id),)
-  stops = tuple(sorted(set(newline_ids(vocab)) | set(eos)))
   return PromptFormat(
       prompt=lambda demos, q: bos + vocab.encode(paper_prompt(demos, q)),
-      target=lambda ex: vocab.encode(" " + ex["targets"] + "\n"),
-      answer=lambda ids: first_line(vocab, ids, stops, eos),
+      target=lambda ex: vocab.encode(answer_space(ex["targets"])
+                                     + ex["targets"] + "\n"),
+      answer=lambda ids: first_line(vocab, ids, eos),
       correct=lambda a, ex: paper_match(a, ex["targets"], task, prefix),
-      stop_ids=stops)
+      stop_ids=eos)
 
 
 def left_pad(rows, pad_id=0, multiple=32):
