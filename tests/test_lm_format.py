@@ -139,3 +139,18 @@ def test_lm_choices_follow_lm_eval_encode_pair(tmp_path):
   assert row["choice_ids"][1] == enc("Copy: abc ba")[len(ctx):]
   assert 0 in row["choice_ids"][0]  # '!' is id 0 and is kept
   assert row["choice_bytes"] == [len(" abc!"), 2]
+
+
+def test_decode_keeps_a_real_token_with_id_zero():
+  """Llama-3's and Qwen2's id 0 is '!': decoding drops special tokens and
+  EOS, never a token for being id 0."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from mtjax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {"!": 0, "a": 1, "</s>": 2, "<|endoftext|>": 3}, unk_token="a"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(["</s>", "<|endoftext|>"])
+  v = vocab_lib.HFTokenizerVocabulary(tokenizer=tok, source="test")
+  assert v.eos_id == 2 and v.stop_ids == (2, 3)
+  assert "!" in v.decode([1, 0, 1]) and "!" in v.decode([0, 1, 3])
+  assert v.decode([1, 2, 0]) == v.decode([1])   # cut at EOS (seqio)

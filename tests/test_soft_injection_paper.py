@@ -112,7 +112,10 @@ def test_paper_format_on_smollm2_tokens(smollm2_vocab):
   assert v.decode(fmt.target(query)) == " small\n"
   # Only EOS stops generation; the answer is the first line of the stripped
   # text, whatever token carries the '\n', a leading newline included.
-  assert fmt.stop_ids == (v.eos_id,)
+  endoftext = v.tokenizer.token_to_id("<|endoftext|>")
+  assert fmt.stop_ids[0] == v.eos_id and endoftext in fmt.stop_ids
+  assert fmt.answer(np.asarray(v.encode(" small") + [endoftext, 5])) == (
+      "small")
   merged = [i for i in range(v.vocab_size)
             if "\n" in v.decode([i]) and v.decode([i]) != "\n"]
   assert merged, "SmolLM2 has tokens that merge '\\n' with other text"
@@ -175,3 +178,17 @@ def test_job_runs_the_paper_protocol_end_to_end(tmp_path):
                "soft_injection_results.json", "soft_injection_table.txt"):
     assert (tmp_path / name).exists(), name
   assert (tmp_path / "task_embeddings" / "antonym").is_dir()
+
+
+def test_prompt_tuning_batches_mark_padding_by_mask_not_by_id_zero():
+  """A real LM's id 0 is a token (SmolLM2's <|endoftext|>, Llama-3's '!'):
+  target_batch's decoder_mask covers every real token, id 0 included, and
+  only the padding after a shorter row is masked."""
+  fmt = sa.PromptFormat(prompt=lambda demos, q: [0, 5] + q["ids"],
+                        target=lambda ex: [0, 7])
+  batch = sa.target_batch([{"ids": [6]}, {"ids": [6, 6, 6]}], fmt, 16)
+  np.testing.assert_array_equal(batch["decoder_mask"],
+                                [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(batch["decoder_input_tokens"][0],
+                                [0, 5, 6, 0, 7, 0])
+  assert batch["decoder_loss_weights"][0].tolist() == [0, 0, 1, 1, 0, 0]

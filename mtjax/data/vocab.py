@@ -139,6 +139,15 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return self._unk_id
 
   @property
+  def stop_ids(self) -> tuple:
+    """Every end-of-text token the tokenizer has (EOS first): generation
+    stops at any of them (SmolLM2's EOS is <|im_end|>, but a continuation
+    can also end with <|endoftext|>)."""
+    found = [self._tok.token_to_id(t) for t in _EOS_CANDIDATES]
+    return tuple(dict.fromkeys([self._eos_id] + [i for i in found
+                                                 if i is not None]))
+
+  @property
   def _base_vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -146,7 +155,10 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return self._tok.encode(s, add_special_tokens=False).ids
 
   def _decode(self, ids) -> str:
-    ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id)]
+    # Special tokens (EOS, <|endoftext|>, ...) are dropped by the tokenizer;
+    # id 0 is no padding here (Llama-3's and Qwen2's id 0 is '!'): masks,
+    # not ids, say which slots are padding.
+    ids = [int(i) for i in ids if int(i) != self.eos_id]
     return self._tok.decode(ids, skip_special_tokens=True)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:

@@ -65,14 +65,20 @@ def optimizer(learning_rate, **options):
       **options))
 
 
-def lm_batch(ids, weights):
+def lm_batch(ids, weights, mask=None):
   """Right-padded token rows (B, T) and their loss weights -> a Fitter batch
-  (the trainer's decoder format: predict ids[:, 1:] from ids[:, :-1])."""
+  (the trainer's decoder format: predict ids[:, 1:] from ids[:, :-1]).
+
+  mask (B, T): 1 on real tokens; given, it is the batch's 'decoder_mask' (a
+  real LM's id 0 is a token, so `token != 0` cannot mark padding)."""
   ids, weights = np.asarray(ids, np.int32), np.asarray(weights, np.float32)
-  return {"decoder_input_tokens": ids[:, :-1],
-          "decoder_target_tokens": ids[:, 1:],
-          "decoder_loss_weights": weights[:, 1:],
-          "task_index": np.zeros((len(ids),), np.int32)}
+  out = {"decoder_input_tokens": ids[:, :-1],
+         "decoder_target_tokens": ids[:, 1:],
+         "decoder_loss_weights": weights[:, 1:],
+         "task_index": np.zeros((len(ids),), np.int32)}
+  if mask is not None:
+    out["decoder_mask"] = np.asarray(mask, np.int32)[:, :-1]
+  return out
 
 
 def epoch_batches(rows: dict, batch_size: int, seed: int) -> Iterator[dict]:
@@ -297,11 +303,12 @@ def paper_format(vocab, task, prefix=True):
   """The paper's format for a BPE vocabulary: the whole prompt string encoded
   at once (after the BOS token if the vocabulary has one), the target ' y\n'
   (the space after 'A:' belongs to the answer's first token; none before a
-  number, `answer_space`), generation stopped only at EOS (max_new_tokens
-  otherwise), the first line of the stripped text scored by `paper_match`,
+  number, `answer_space`), generation stopped only at an end-of-text token
+  (vocab.stop_ids: EOS, <|endoftext|>; max_new_tokens otherwise), the first line of the stripped text scored by `paper_match`,
   as the reference code generates, strips, then cuts."""
   bos = [vocab.bos_id] if getattr(vocab, "bos_id", None) is not None else []
-  eos = () if vocab.eos_id is None else (int(vocab.eos_id),)
+  eos = tuple(int(i) for i in getattr(vocab, "stop_ids", ())) or (
+      () if vocab.eos_id is None else (int(vocab.eos_id),))
   return PromptFormat(
       prompt=lambda demos, q: bos + vocab.encode(paper_prompt(demos, q)),
       target=lambda ex: vocab.encode(answer_space(ex["targets"])
@@ -570,10 +577,12 @@ def target_batch(examples, fmt, max_len):
   t = max(len(r) for r in rows)
   ids = np.zeros((len(rows), t), np.int32)
   w = np.zeros((len(rows), t), np.float32)
+  mask = np.zeros((len(rows), t), np.int32)
   for i, (r, wt) in enumerate(zip(rows, weights, strict=True)):
     ids[i, :len(r)] = r
     w[i, :len(r)] = wt
-  return lm_batch(ids, w)
+    mask[i, :len(r)] = 1
+  return lm_batch(ids, w, mask)
 
 
 def fit_prompt(model, params, train, val, *, length=10, steps=400,
