@@ -304,8 +304,9 @@ def paper_format(vocab, task, prefix=True):
   at once (after the BOS token if the vocabulary has one), the target ' y\n'
   (the space after 'A:' belongs to the answer's first token; none before a
   number, `answer_space`), generation stopped only at an end-of-text token
-  (vocab.stop_ids: EOS, <|endoftext|>; max_new_tokens otherwise), the first line of the stripped text scored by `paper_match`,
-  as the reference code generates, strips, then cuts."""
+  (vocab.stop_ids: EOS, <|endoftext|>; max_new_tokens otherwise), the
+  first line of the stripped text scored by `paper_match`, as the reference
+  code generates, strips, then cuts."""
   bos = [vocab.bos_id] if getattr(vocab, "bos_id", None) is not None else []
   eos = tuple(int(i) for i in getattr(vocab, "stop_ids", ())) or (
       () if vocab.eos_id is None else (int(vocab.eos_id),))
