@@ -238,3 +238,33 @@ def test_trained_alpha_gets_the_prompt_end_gradient(setup):
   trained = np.asarray(state["params"]["soft_injection/alpha_logits"])
   assert np.abs(trained - np.asarray(start)).min() > 0.05
   assert losses[-1] < losses[0], losses
+
+
+def test_a_bank_of_tasks_needs_each_rows_task(setup):
+  """A bank of K > 1 task embeddings is never scored with task 0's for every
+  row: without 'adapter_index' the scorer refuses; with it, each row scores
+  as the single-task method of its own task."""
+  mesh, model, base, emb, _, _, _ = setup
+  other = emb[::-1] * -1.0
+  bank = methods.build({"name": "soft_injection",
+                        "embeddings": np.stack([emb, other])})
+  flat, _ = trainer.init_params(model, bank, jax.random.key(1), mesh, base)
+  params = trainer.unflatten(flat)
+  batch = _batch()
+  scorer = evaluate.make_scorer(bank, model)
+  with sharding.use_mesh(mesh), pytest.raises(ValueError,
+                                              match="adapter_index"):
+    scorer(params, trainer.put_global_batch(batch, mesh))
+  rows = np.array([1, 0, 1, 0], np.int32)
+  with sharding.use_mesh(mesh):
+    got, _ = scorer(params, trainer.put_global_batch(
+        dict(batch, adapter_index=rows), mesh))
+  for task, e in ((0, emb), (1, other)):
+    single = methods.build({"name": "soft_injection", "embeddings": e})
+    f, _ = trainer.init_params(model, single, jax.random.key(1), mesh, base)
+    with sharding.use_mesh(mesh):
+      want, _ = evaluate.make_scorer(single, model)(
+          trainer.unflatten(f), trainer.put_global_batch(batch, mesh))
+    np.testing.assert_allclose(np.asarray(got)[rows == task],
+                               np.asarray(want)[rows == task], rtol=1e-5,
+                               atol=1e-5)

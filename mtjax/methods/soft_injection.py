@@ -330,6 +330,11 @@ class SoftInjection:
                                    _model_kwargs(inputs), method=method,
                                    decode=decode, cache=cache)
     if index is None:
+      # One task: every row is it. A bank of K > 1 needs each row's task
+      # (a default of task 0 would score every task with task 0's
+      # embedding and alpha).
+      if tree["alpha_logits"].shape[0] > 1:
+        transform.check_adapter_index(tree["alpha_logits"], None)
       index = jnp.zeros((next(iter(inputs.values())).shape[0],), jnp.int32)
     kwargs = {} if decode is None else {"decode": True, "mutable": ["cache"]}
     out = apply_injected(model, params["base"], inputs,
