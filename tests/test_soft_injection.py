@@ -270,6 +270,28 @@ def test_cached_injected_generation_equals_recomputation(bed):
   plain = si.generate_plain(tb.model, tb.params, ids, mask, 6)
   np.testing.assert_array_equal(
       plain, decoder.generate(tb.model, tb.params, ids, mask, 6))
+  # The injection reaches the generated tokens: not the plain model's.
+  assert (np.asarray(cached) != np.asarray(plain)).any()
+
+
+def test_prompt_tuning_kv_cost_counts_the_soft_prompt(bed):
+  """generation_row's KV-cache column counts every cached position: a soft
+  prompt of P vectors adds P positions to the prompt's tokens."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  tb, _ = bed
+  lm = sa.LM(tb.model, tb.params, tb.vocab, {})
+  evals = suite.examples(HELD_OUT[0], "validation", max_examples=4)
+  fmt = sa.byte_format(tb.vocab.encode, tb.vocab)
+  td = sa.TaskData(fmt, [], [], [], evals)
+  prompts = [fmt.prompt([], ex) for ex in evals]
+  cfg = ml_collections.ConfigDict(dict(max_new_tokens=4, eval_batch_size=4))
+  plain = sa.generation_row(lm, td, prompts, si.plain_prefill, None, cfg)
+  soft = jnp.zeros((5, tb.model.config.hidden_size))
+  tuned = sa.generation_row(lm, td, prompts, sa.prompt_prefill, (soft,), cfg,
+                            virtual_tokens=5)
+  assert tuned["tokens"] == plain["tokens"]
+  np.testing.assert_allclose(
+      tuned["kv_mb"] - plain["kv_mb"], sa.kv_cache_mb(tb.model.config, 5))
 
 
 def test_batched_per_example_injection_equals_separate_runs(bed):

@@ -741,10 +741,12 @@ def kv_cache_mb(model_config, tokens):
   return 2 * c.num_hidden_layers * kv * head_dim * tokens * 4 / 2**20
 
 
-def generation_row(lm, td, prompts, prefill, payload, cfg):
+def generation_row(lm, td, prompts, prefill, payload, cfg,
+                   virtual_tokens=0):
   """Greedy generations of `prompts` scored under td.fmt -> {em, correct (N,),
   sec (per example), mem_mb (peak raised, `memory_mark`), tokens (mean prompt
-  length), kv_mb (KV cache per example at that length + new tokens)}."""
+  length), kv_mb (KV cache per example at that length + the prefill's
+  `virtual_tokens` (prompt tuning's soft prompt) + new tokens)}."""
   gen = lambda i, m: si.greedy_with_prefill(
       lm.model, lm.params, jnp.asarray(i), jnp.asarray(m), payload, prefill,
       cfg.max_new_tokens, td.fmt.stop_ids, 0)
@@ -754,14 +756,17 @@ def generation_row(lm, td, prompts, prefill, payload, cfg):
   tokens = float(np.mean([len(p) for p in prompts]))
   return dict(em=em, correct=correct.tolist(), sec=sec,
               mem_mb=(memory_mark()[1] - before) / 2**20, mem_source=source,
-              tokens=tokens, answers=answers,
-              kv_mb=kv_cache_mb(lm.model.config, tokens + cfg.max_new_tokens))
+              tokens=tokens, answers=answers, virtual_tokens=virtual_tokens,
+              kv_mb=kv_cache_mb(lm.model.config, tokens + virtual_tokens
+                                + cfg.max_new_tokens))
 
 
-def scored_row(lm, td, prompts, prefill, payload, logit_fn, cfg):
+def scored_row(lm, td, prompts, prefill, payload, logit_fn, cfg,
+               virtual_tokens=0):
   """`generation_row` + teacher-forced target scores {first, nll} (NaN when
   cfg.score_targets is off)."""
-  row = generation_row(lm, td, prompts, prefill, payload, cfg)
+  row = generation_row(lm, td, prompts, prefill, payload, cfg,
+                       virtual_tokens)
   row.update(first=float("nan"), nll=float("nan"))
   if cfg.get("score_targets", True):
     nll, first = target_scores(jax.jit(logit_fn),
@@ -799,7 +804,8 @@ def prompt_tuning_row(lm, td, zero, cfg, seed):
                     lambda i, m, pos: method.apply(
                         lm.model, {"base": lm.params,
                                    "prompt": {"embedding": prompt}},
-                        {"input_ids": i, "attention_mask": m}), cfg)
+                        {"input_ids": i, "attention_mask": m}), cfg,
+                    virtual_tokens=int(np.shape(prompt)[0]))
 
 
 def _method_rows(lm, task, cfg, seed):
