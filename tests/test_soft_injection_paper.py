@@ -169,6 +169,10 @@ def test_job_runs_the_paper_protocol_end_to_end(tmp_path):
                           "prompt-tuning"]
     for r in rows.values():
       assert len(r["correct"]) == 4 and 0 <= r["em"] <= 1 and r["sec"] > 0
+    # Demonstrations actually used, per row that has them.
+    assert rows["icl-2"]["shots"] == 2 and 0 <= rows["icl-2"][
+        "shots_mean"] <= 2
+    assert rows["soft-injection"]["shots"] == c.num_shots
   s = out["summary"]["soft-injection"]
   assert s["ci95"][0] <= s["em"] <= s["ci95"][1]
   transfer = out["transfer"]["antonym"]
@@ -192,3 +196,20 @@ def test_prompt_tuning_batches_mark_padding_by_mask_not_by_id_zero():
   np.testing.assert_array_equal(batch["decoder_input_tokens"][0],
                                 [0, 5, 6, 0, 7, 0])
   assert batch["decoder_loss_weights"][0].tolist() == [0, 0, 1, 1, 0, 0]
+
+
+def test_cut_prompts_report_the_demonstrations_they_kept():
+  """Prompts longer than max_len lose their first demonstrations; `kept`
+  and shots_used say how many remain, per prompt and on average."""
+  train = [{"inputs": f"w{i}", "targets": "x" * 20} for i in range(30)]
+  queries = [{"inputs": "q", "targets": "y"}] * 3
+  fmt = sa.PromptFormat(prompt=lambda d, q: list(range(10 * len(d) + 2)),
+                        target=lambda ex: [1])
+  kept = []
+  prompts = sa.few_shot_prompts(train, queries, 10, 0, fmt, 45, kept)
+  assert kept == [4, 4, 4] and all(len(p) <= 45 for p in prompts)
+  assert sa.shots_used(kept, 10) == {"shots": 10, "shots_mean": 4.0,
+                                     "prompts_cut": 3}
+  full = []
+  sa.few_shot_prompts(train, queries, 2, 0, fmt, 45, full)
+  assert sa.shots_used(full, 2)["prompts_cut"] == 0

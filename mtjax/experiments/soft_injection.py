@@ -334,37 +334,50 @@ def left_pad(rows, pad_id=0, multiple=32):
   return ids, mask
 
 
-def render(demos, query, fmt, max_len):
+def render(demos, query, fmt, max_len, kept=None):
   """Prompt ids of demos + query (`as_format(fmt)`), dropping first demos to
-  fit max_len."""
+  fit max_len; `kept` (a list) receives how many demonstrations remain."""
   fmt, demos = as_format(fmt), list(demos)
   while True:
     ids = fmt.prompt(demos, query)
     if len(ids) <= max_len or not demos:
+      if kept is not None:
+        kept.append(len(demos))
       return ids[-max_len:]
     demos = demos[1:]
 
 
-def few_shot_prompts(train, queries, k, seed, fmt, max_len):
-  """One prompt per query with k demonstrations sampled from train (not the query)."""
+def few_shot_prompts(train, queries, k, seed, fmt, max_len, kept=None):
+  """One prompt per query with k demonstrations sampled from train (not the
+  query); `kept` receives each prompt's demonstrations after `render` cut
+  it to max_len."""
   rng = np.random.default_rng(seed)
   out = []
   for q in queries:
     pool = [i for i in rng.permutation(len(train))[:k + 1]
             if train[i]["inputs"] != q["inputs"]][:k]
-    out.append(render([train[i] for i in pool], q, fmt, max_len))
+    out.append(render([train[i] for i in pool], q, fmt, max_len, kept))
   return out
 
 
-def embedding_prompts(train, num_prompts, num_shots, seed, fmt, max_len):
-  """M prompts of N demonstrations + a held query from `train` (as the paper)."""
+def shots_used(kept, k):
+  """{'shots': k, 'shots_mean': mean demonstrations kept, 'prompts_cut':
+  prompts that lost some} of a `kept` list."""
+  return {"shots": k, "shots_mean": float(np.mean(kept)) if kept else 0.0,
+          "prompts_cut": int(sum(n < k for n in kept))}
+
+
+def embedding_prompts(train, num_prompts, num_shots, seed, fmt, max_len,
+                      kept=None):
+  """M prompts of N demonstrations + a held query from `train` (as the
+  paper); `kept` receives each prompt's demonstrations after cutting."""
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(num_prompts):
     idx = rng.choice(len(train), size=min(num_shots + 1, len(train)),
                      replace=False)
     rows.append(render([train[i] for i in idx[1:]], train[idx[0]], fmt,
-                       max_len))
+                       max_len, kept))
   ids, mask = left_pad(rows)
   return {"input_ids": ids, "attention_mask": mask}
 
@@ -813,22 +826,33 @@ def _method_rows(lm, task, cfg, seed):
   `scored_row` on one task; -> (rows, extra: embedding, alpha, fit, data)."""
   td = task_data(task, lm.vocab, cfg)
   plain = lambda i, m, pos: lm.model.apply({"params": lm.params}, i, m)
-  prompts = lambda k: few_shot_prompts(td.demos, td.test, k, seed, td.fmt,
-                                       cfg.max_prompt_len)
+  prompts = lambda k, kept=None: few_shot_prompts(
+      td.demos, td.test, k, seed, td.fmt, cfg.max_prompt_len, kept)
   rows = {}
   for k in cfg.shots:
-    rows["zero-shot" if k == 0 else f"icl-{k}"] = scored_row(
-        lm, td, prompts(k), si.plain_prefill, (), plain, cfg)
+    kept = []
+    name = "zero-shot" if k == 0 else f"icl-{k}"
+    rows[name] = scored_row(lm, td, prompts(k, kept), si.plain_prefill, (),
+                            plain, cfg)
+    # Prompts over max_prompt_len lose their first demonstrations: say so.
+    rows[name].update(shots_used(kept, k))
+    if rows[name]["prompts_cut"]:
+      print(f"  {task} {name}: {rows[name]['prompts_cut']} prompts cut to "
+            f"{cfg.max_prompt_len} tokens, {rows[name]['shots_mean']:.1f} "
+            "demonstrations kept on average", flush=True)
   start = time.perf_counter()
+  emb_kept = []
   emb = si.task_embedding(lm.model, lm.params, embedding_prompts(
       td.demos, cfg.num_prompts, cfg.num_shots, seed, td.fmt,
-      cfg.max_prompt_len), batch_size=cfg.eval_batch_size)
+      cfg.max_prompt_len, emb_kept), batch_size=cfg.eval_batch_size)
   fitted = fit_task_alpha(lm, td, emb, cfg, seed)
   alpha = si.alpha_of(fitted.value)
   fit_seconds = time.perf_counter() - start
   rows["soft-injection"] = scored_row(
       lm, td, prompts(0), si.injected_prefill, (emb, alpha, None),
       injected_logits(lm, emb, alpha), cfg)
+  # The embedding's prompts: shots kept of cfg.num_shots.
+  rows["soft-injection"].update(shots_used(emb_kept, cfg.num_shots))
   if cfg.prompt_tuning.length:
     rows["prompt-tuning"] = prompt_tuning_row(lm, td, prompts(0), cfg, seed)
   return rows, dict(embedding=np.asarray(emb), alpha=np.asarray(alpha),
