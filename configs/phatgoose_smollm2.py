@@ -103,23 +103,25 @@ def skills_config():
   c.held_in_examples = 100             # own-task scores of base and experts
   c.valid_examples = 24                # per held-in task, merge selection
   num_e = len(c.held_in)
+  # The paper's comparison first (base, PHATGOOSE, merged experts,
+  # multitask, retrieval), then the other rows: a stopped run keeps them.
   rows = [
       dict(name="base"),
-      dict(name="multitask"),
       dict(name="phatgoose"),
-      dict(name="arrow"),
-      dict(name="retrieval"),
       # The PHATGOOSE paper's merged experts: the mean of the updates B A.
       dict(name="merged", kind="merge", merge=dict(name="task_arithmetic"),
            weights=1.0 / num_e),
-      dict(name="merged_ab", kind="merged"),   # A and B averaged (extra)
-      dict(name="task_arithmetic", kind="merge_select",
-           merge=dict(name="task_arithmetic"), weights=(0.1, 0.2, 0.4)),
+      dict(name="multitask"),
+      dict(name="retrieval"),
+      dict(name="arrow"),
       dict(name="ties", kind="merge_select", merge=dict(name="ties"),
            density=(0.1, 0.2, 0.5)),
+      dict(name="task_arithmetic", kind="merge_select",
+           merge=dict(name="task_arithmetic"), weights=(0.1, 0.2, 0.4)),
       # The best single expert per held-out task, chosen on 16 labelled
       # validation examples, scored on the test examples.
       dict(name="oracle", select_examples=16),
+      dict(name="merged_ab", kind="merged"),   # A and B averaged (extra)
       dict(name="icl10", kind="icl", shots=10, inputs_length=320),
   ]
   c.methods = tuple(rows)
