@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mtjax.data import tasks, templates
+from mtjax.data import si_tasks, tasks, templates
 
 XCOPA_LANGS = tasks.XCOPA_LANGS
 
@@ -103,7 +103,12 @@ def test_real_tasks_register_and_render(shared_data):
       rows, _ = tasks.render(task, split, max_rows=limit)
       assert rows, task.name
       for row in rows:
-        assert row["inputs"] and row["answer_choices"]
+        assert row["inputs"] and row["targets"]
+        if task.name.startswith(si_tasks.DATASET_PREFIX) and not (
+            si_tasks.is_word_choice(dataset[len(si_tasks.DATASET_PREFIX):])):
+          # The Soft Injection generation tasks (si_tasks): no choices.
+          assert row["answer_choices"] == []
+          continue
         assert row["answer_choices"][row["label"]] == row["targets"]
 
 
@@ -131,7 +136,9 @@ def test_word_choice_tasks_render_every_row(shared_data):
   tasks: every row of every split lists its target among its choices, and
   the instruction names the task's rule."""
   real = tasks.real_tasks(shared_data)
-  si = sorted(k for k in real if k.startswith("si_"))
+  # si_qa_*: the same folders in the 'Q: x\nA:' format (si_tasks), apart.
+  si = sorted(k for k in real if k.startswith("si_")
+              and not k.startswith(si_tasks.DATASET_PREFIX))
   assert len(si) == 2 * len(tasks.WORD_CHOICE)   # lists of 3 and of 5 words
   for dataset in si:
     (task,) = real[dataset]

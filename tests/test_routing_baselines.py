@@ -106,7 +106,8 @@ def _run():
   config = ml_collections.ConfigDict(dict(
       eval=dict(batch_size=4, split="validation")))
   return types.SimpleNamespace(config=config, vocab=None, model=model,
-                               kind="decoder", lengths=LENGTHS, mesh=_mesh())
+                               kind="decoder", lengths=LENGTHS,
+                               eval_lengths=LENGTHS, mesh=_mesh())
 
 
 def _examples(seed, n=6):
