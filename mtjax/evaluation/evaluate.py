@@ -46,6 +46,12 @@ Model = Any  # a flax linen module (mtjax.models)
 PROMPT_BUCKET = 32
 
 
+def bucket(longest: int, cap: int) -> int:
+  """Slots for a batch whose longest row has `longest` tokens: rounded up to
+  PROMPT_BUCKET, at most `cap` (the configured length)."""
+  return min(cap, -(-int(longest) // PROMPT_BUCKET) * PROMPT_BUCKET)
+
+
 def _pad(ids, length, pad_id=0):
   ids = list(ids)[:length]
   return ids + [pad_id] * (length - len(ids))
@@ -156,8 +162,7 @@ def score_choices(scorer, model, params, examples, lengths, batch_size, mesh,
     if kind == "decoder":
       cap = lengths["inputs"] + lengths["targets"]
       longest = max(len(i) + len(t) for i, t in chunk[:n])
-      chunk_lengths = {"inputs": min(cap, -(-longest // PROMPT_BUCKET)
-                                       * PROMPT_BUCKET),
+      chunk_lengths = {"inputs": bucket(longest, cap),
                        "targets": 0}
       if chunk_lengths["inputs"] == cap:
         chunk_lengths = lengths
@@ -423,8 +428,7 @@ def generate_rows(greedy, model, params, input_ids, lengths, max_new,
     chunk_lengths = lengths
     if kind == "decoder":
       longest = max(len(i) for i, _ in chunk[:n])
-      chunk_lengths = dict(lengths, inputs=min(
-          lengths["inputs"], -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET))
+      chunk_lengths = dict(lengths, inputs=bucket(longest, lengths["inputs"]))
     feats, start = generation_batch([i for i, _ in chunk], kind,
                                     chunk_lengths, max_new, pad_id=pad_id,
                                     lm=lm)

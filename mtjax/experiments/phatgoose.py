@@ -411,9 +411,8 @@ def input_batches(run: Run, examples: list, prompts_only: bool = False,
     chunk = chunk + [chunk[0]] * (bs - len(chunk))   # fixed batch size
     lengths = run.eval_lengths
     if run.kind == "decoder":   # cut to the longest row (few shapes compile)
-      cap, step = sum(lengths.values()), evaluate.PROMPT_BUCKET
       longest = max(len(i) + len(t) for i, t in chunk)
-      lengths = {"inputs": min(cap, -(-longest // step) * step),
+      lengths = {"inputs": evaluate.bucket(longest, sum(lengths.values())),
                  "targets": 0}
     batch = evaluate.score_rows(chunk, run.kind, lengths,
                                 pad_id=data.pad_token_id(run.vocab),
