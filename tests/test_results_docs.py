@@ -32,6 +32,15 @@ CASES = [
       "**0.172** [0.152, 0.192]": "**0.172** [0.152, 0.192]",
       "| si_qa_landmark_country.inst | entity_facts | 4 | 0.400 | 0.250 |":
           "| si_qa_landmark_country.inst | entity_facts | 4 | 0.400 | 0.250 |"}),
+    (["phatgoose_skills_rows.json", "phatgoose_skills_rows_oracle.json",
+      "--baseline=phatgoose"],
+     {"oracle - phatgoose: +0.114 [+0.089, +0.136]":
+          "+0.114 [+0.089, +0.136]",
+      "**0.268** [0.246, 0.292]": "**0.268** [0.246, 0.292]"}),
+    (["phatgoose_skills_rows.json", "phatgoose_skills_rows_oracle.json",
+      "--mean=held_in", "--baseline=base"],
+     {"oracle - base: +0.517 [+0.491, +0.541]": "+0.517 [+0.491, +0.541]",
+      "**0.640** [0.619, 0.660]": "0.640 [0.619, 0.660]"}),
 ]
 
 
